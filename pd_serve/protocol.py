@@ -1,0 +1,42 @@
+"""Typed envelopes that cross the ingress <-> decode <-> prefill hops.
+
+The OpenAI request/response models themselves are vLLM's (``CompletionRequest``,
+``ChatCompletionRequest``, ...). These envelopes only carry what the hops add.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+RequestKind = Literal["completion", "chat"]
+
+
+class JSONReply(msgspec.Struct, frozen=True):
+    """A complete (non-streamed) answer: a response or an OpenAI error body, already JSON."""
+
+    status: int
+    body: bytes
+
+
+class PrefillResult(msgspec.Struct, frozen=True):
+    """What a prefill replica returns to the decode replica that asked it."""
+
+    status: int
+    kv_transfer_params: dict[str, Any] | None = None
+    error_body: bytes | None = None
+    prompt_tokens: int = 0
+    replica_id: str = ""
+    compute_s: float = 0.0
+
+
+class ReplicaInfo(msgspec.Struct, frozen=True):
+    """A replica's registration with the control deployment (heartbeated)."""
+
+    replica_id: str
+    tier: Literal["prefill", "decode"]
+    metrics_url: str
+    engine_id: str
+    node_ip: str
+    updated_at: float = 0.0

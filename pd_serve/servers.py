@@ -1,0 +1,224 @@
+"""The engine deployments: prefill (KV producer) and decode (KV consumer and orchestrator).
+
+A request's way (decode-first, as in DESIGN.md):
+
+1. the ingress hands the parsed OpenAI request to a decode replica (``DecodeServer.generate``);
+2. decode decides where to prefill: remotely when the prefill tier has live replicas (and the
+   prompt passes the router's threshold), locally otherwise;
+3. remote: a prefill replica runs the request with ``max_tokens=1`` and
+   ``do_remote_decode`` (``PrefillServer.prefill``) and returns typed ``kv_transfer_params``;
+4. decode runs the original request with those params: NIXL pulls the blocks, and the
+   engine's SSE chunks go back to the ingress in drained batches (``drain_batches``).
+
+Cancellation anywhere propagates down: Ray Serve cancels the nested calls, vLLM aborts the
+engine requests, and blocks already prefilled but never pulled are released by decode's
+rejection notice or, at worst, prefill's lease (``kv_transfer.lease_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from prometheus_client import start_http_server
+
+from kv_transfer import KVTransferParams, prefill_request_params
+from kv_transfer.ports import claim_port
+from pd_serve import metrics as m
+from pd_serve.config import AppConfig
+from pd_serve.control import HEARTBEAT_S
+from pd_serve.engine import EngineHost, drain_batches
+from pd_serve.errors import error_body
+from pd_serve.protocol import JSONReply, PrefillResult, ReplicaInfo, RequestKind
+
+logger = logging.getLogger(__name__)
+_METRICS_BASE_PORT = 29600
+
+
+def _replica_tag() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (unit tests)
+        import uuid
+
+        return uuid.uuid4().hex[:8]
+
+
+def _error_json(resp: Any) -> tuple[int, bytes]:
+    """vLLM ErrorResponse -> (status, body)."""
+    return resp.error.code, resp.model_dump_json().encode()
+
+
+class _EngineReplica:
+    """What both tiers share: the engine, health, metrics endpoint and heartbeat."""
+
+    tier: str
+
+    async def _init(self, cfg: dict[str, Any], control: Any) -> None:
+        self.cfg = AppConfig.model_validate(cfg)
+        self.replica_id = _replica_tag()
+        self.host = EngineHost(self.cfg, self.tier, self.replica_id)
+        await self.host.start()
+        port = claim_port(self.host.host, _METRICS_BASE_PORT)
+        start_http_server(port, addr=self.host.host)
+        self.info = ReplicaInfo(
+            replica_id=self.replica_id, tier=self.tier,  # type: ignore[arg-type]
+            metrics_url=f"http://{self.host.host}:{port}/metrics",
+            engine_id=self.host.plan.identity.engine_id if self.host.plan.identity else "",
+            node_ip=self.host.host)
+        self._control = control
+        await control.register.remote(self.info)
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                await self._control.register.remote(self.info)
+                await self._on_beat()
+            except Exception:
+                logger.warning("heartbeat to control failed", exc_info=True)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _on_beat(self) -> None:
+        pass
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising restarts the replica."""
+        await self.host.check_health()
+
+    async def reset_prefix_cache(self) -> bool:
+        return await self.host.engine.reset_prefix_cache()
+
+    def __del__(self) -> None:
+        try:
+            self.host.shutdown()
+        except Exception:
+            pass
+
+
+class PrefillServer(_EngineReplica):
+    """KV producer: computes the prompt's KV and answers with where decode can pull it."""
+
+    tier = "prefill"
+
+    async def __init__(self, cfg: dict[str, Any], control: Any) -> None:
+        await self._init(cfg, control)
+
+    async def prefill(self, kind: RequestKind, request: Any) -> PrefillResult:
+        """Run ``request`` (already shaped for prefill) and return its kv_transfer_params.
+
+        Called once per remotely-prefilled request by a decode replica. Errors vLLM reports
+        (bad input) come back as a status and an OpenAI error body, not as exceptions.
+        """
+        t0 = time.perf_counter()
+        resp = await self.host.create(kind, request)
+        if hasattr(resp, "error"):
+            status, body = _error_json(resp)
+            return PrefillResult(status=status, error_body=body, replica_id=self.replica_id)
+        return PrefillResult(
+            status=200, kv_transfer_params=resp.kv_transfer_params,
+            prompt_tokens=resp.usage.prompt_tokens if resp.usage else 0,
+            replica_id=self.replica_id, compute_s=time.perf_counter() - t0)
+
+
+class DecodeServer(_EngineReplica):
+    """KV consumer that orchestrates each request: remote prefill (or local), then decode."""
+
+    tier = "decode"
+
+    async def __init__(self, cfg: dict[str, Any], control: Any, prefill: Any | None) -> None:
+        self._prefill = prefill
+        self._prefill_replicas = 0
+        await self._init(cfg, control)
+
+    async def _on_beat(self) -> None:
+        if self._prefill is not None:
+            self._prefill_replicas = len(await self._control.replicas.remote("prefill"))
+
+    # -- P/D decision -------------------------------------------------------------------------
+    def _decide(self, request: Any) -> tuple[str, str]:
+        if self._prefill is None:
+            return "local", "no_prefill_tier"
+        if self._prefill_replicas == 0:
+            return "local", "no_prefill_replicas"
+        return "remote", "remote"
+
+    @staticmethod
+    def _prefill_copy(kind: RequestKind, request: Any) -> Any:
+        update: dict[str, Any] = {
+            "max_tokens": 1, "stream": False, "stream_options": None, "min_tokens": 0,
+            "n": 1, "kv_transfer_params": prefill_request_params(),
+        }
+        if kind == "chat" and getattr(request, "max_completion_tokens", None) is not None:
+            update["max_completion_tokens"] = 1
+        return request.model_copy(update=update)
+
+    async def _remote_prefill(self, kind: RequestKind, request: Any) -> PrefillResult | None:
+        """Returns the prefill result, or None when the failure policy says prefill locally."""
+        t0 = time.perf_counter()
+        try:
+            res: PrefillResult = await self._prefill.prefill.remote(kind, self._prefill_copy(kind, request))
+        except asyncio.CancelledError:
+            m.CLIENT_ABORTS.labels("prefill").inc()
+            raise
+        except Exception as e:  # replica died, deployment unavailable, engine error
+            reason = type(e).__name__
+            m.REMOTE_PREFILL_FAILURES.labels(reason).inc()
+            logger.warning("request %s: remote prefill failed (%s)", request.request_id, e)
+            if self.cfg.kv_transfer.failure_policy == "fail":
+                return PrefillResult(status=502, error_body=_json(error_body(
+                    f"remote prefill failed: {reason}", 502, "PrefillFailedError")))
+            return None
+        m.REMOTE_PREFILL_SECONDS.observe(time.perf_counter() - t0)
+        if res.status >= 500:
+            m.REMOTE_PREFILL_FAILURES.labels(f"http_{res.status}").inc()
+            if self.cfg.kv_transfer.failure_policy != "fail":
+                return None
+        return res
+
+    # -- the request path ---------------------------------------------------------------------
+    async def generate(self, kind: RequestKind, request: Any) -> AsyncIterator[JSONReply | str]:
+        """Serve one OpenAI request. Yields one ``JSONReply`` (a full answer or an error), or
+        the SSE stream as strings, each holding every chunk that was ready."""
+        api = "chat" if kind == "chat" else "completions"
+        where, reason = self._decide(request)
+        if where == "remote":
+            res = await self._remote_prefill(kind, request)
+            if res is None:
+                where, reason = "local", "remote_failed"
+            elif res.status != 200:
+                m.REQUESTS.labels(api, "error").inc()
+                yield JSONReply(res.status, res.error_body or b"")
+                return
+            else:
+                request.kv_transfer_params = KVTransferParams.from_vllm(res.kv_transfer_params).to_vllm()
+        m.PREFILL_DECISIONS.labels(where, reason).inc()
+
+        result = await self.host.create(kind, request)
+        if hasattr(result, "error"):
+            m.REQUESTS.labels(api, "error").inc()
+            yield JSONReply(*_error_json(result))
+            return
+        if not hasattr(result, "__aiter__"):
+            m.REQUESTS.labels(api, "ok").inc()
+            yield JSONReply(200, result.model_dump_json().encode())
+            return
+        finished = False
+        try:
+            async for batch in drain_batches(result):
+                yield "".join(batch)
+            finished = True
+        finally:
+            if not finished:
+                m.CLIENT_ABORTS.labels("decode").inc()
+            m.REQUESTS.labels(api, "ok" if finished else "aborted").inc()
+
+
+def _json(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj).encode()

@@ -1,0 +1,77 @@
+"""Session fixtures for integration tests: real vLLM engines on the CPU, real NIXL, real Ray.
+
+Order matters on a 2-core machine (at most two engines at once): the aggregated reference
+server runs first and is stopped, then pd_serve (prefill + decode) starts once and is shared.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pd_serve.tiny_model import TINY_URI, resolve_model
+from tests.integration import cases
+from tests.support.metrics import Scrape
+from tests.support.servers import ROOT, bare_vllm_server, load_app_args, pd_serve_app
+
+PD_PORT = int(os.environ.get("PD_SERVE_TEST_PORT", "8123"))
+REF_PORT = PD_PORT + 1
+LOG_DIR = Path(os.environ.get("PD_SERVE_TEST_LOG_DIR", ROOT / ".test-logs"))
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    try:
+        return resolve_model(TINY_URI)
+    except FileNotFoundError:
+        subprocess.run([sys.executable, "-m", "pd_serve.tiny_model"], check=True)
+        return resolve_model(TINY_URI)
+
+
+@pytest.fixture(scope="session")
+def reference(model_path: str) -> dict[str, cases.Output]:
+    """Greedy outputs of one aggregated vLLM engine for every case (then the engine stops)."""
+    LOG_DIR.mkdir(exist_ok=True)
+    with bare_vllm_server(model_path, REF_PORT, core=0, log=LOG_DIR / "reference.log") as url:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            return {c.name: cases.run(client, c) for c in cases.ALL}
+
+
+@pytest.fixture(scope="session")
+def pd_url(reference) -> str:  # depends on `reference` so that engines never overlap
+    with pd_serve_app(load_app_args(), PD_PORT) as url:
+        yield url
+
+
+@pytest.fixture
+def client(pd_url: str):
+    with httpx.Client(base_url=pd_url, timeout=120) as c:
+        yield c
+
+
+def wait_idle(url: str, timeout: float = 30.0) -> Scrape:
+    """Wait until no engine has running or waiting requests and no KV block is in use."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = Scrape.get(url)
+        busy = (s.sum("vllm:num_requests_running") + s.sum("vllm:num_requests_waiting")
+                + s.sum("vllm:kv_cache_usage_perc"))
+        if busy == 0 and len(s.values("vllm:kv_cache_usage_perc")) >= 2:
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"engines not idle after {timeout}s: running={s.values('vllm:num_requests_running')} "
+                f"waiting={s.values('vllm:num_requests_waiting')} kv={s.values('vllm:kv_cache_usage_perc')}")
+        time.sleep(0.5)
