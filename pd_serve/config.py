@@ -7,6 +7,7 @@ says what to change, before any replica or engine starts.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,9 +32,6 @@ class AutoscalingBounds(_Strict):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas. Prefill may be 0: decode then prefills locally.")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at start; defaults to min_replicas.")
-    target: float | None = Field(
-        None, gt=0, description="Per-replica target of the tier's signal: KV-cache usage (0-1) for decode, "
-        "queued prefill tokens for prefill. Defaults: 0.75 and 4096.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingBounds":
@@ -92,6 +90,11 @@ class KVTransferSection(_Strict):
     lease_s: float = Field(30.0, gt=0, description="Prefill frees blocks decode has not pulled within this many seconds (vLLM's default is 480).")
     ucx_tls: str | None = Field(None, description="UCX transports (UCX_TLS). Keep `tcp` in the list on hosts without RDMA.")
     extra_config: dict[str, Any] = Field(default_factory=dict, description="kv_connector_extra_config passed to vLLM (e.g. num_threads).")
+    prefill_select_timeout_s: float = Field(
+        1.0, gt=0, description="Longest decode waits for a free prefill replica; then it prefills locally "
+        "(prefill tier down, restarting or saturated).")
+    prefill_timeout_s: float = Field(
+        60.0, gt=0, description="Longest decode waits for a remote prefill before the failure policy applies.")
     failure_policy: Literal["local_prefill", "fail"] = Field(
         "local_prefill", description="When remote prefill fails: prefill on the decode engine instead, or return an error.")
 
@@ -100,12 +103,6 @@ class KVTransferSection(_Strict):
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"unknown kv_transfer.backend {self.backend!r}; choose one of {sorted(BACKENDS)}")
         return self
-
-
-class RouterSection(_Strict):
-    remote_prefill_min_tokens: int = Field(
-        0, ge=0, description="Prompts whose uncached part is shorter than this prefill locally on decode. "
-        "0 sends every prompt to the prefill tier when it has replicas.")
 
 
 class IngressSection(_Strict):
@@ -126,7 +123,6 @@ class AppConfig(_Strict):
     prefill: TierConfig = Field(default_factory=TierConfig, description="The prefill tier (KV producer).")
     decode: TierConfig = Field(default_factory=TierConfig, description="The decode tier (KV consumer, orchestrates requests).")
     kv_transfer: KVTransferSection = Field(default_factory=KVTransferSection, description="How KV moves between tiers.")
-    router: RouterSection = Field(default_factory=RouterSection, description="Replica choice and the P/D decision.")
     ingress: IngressSection = Field(default_factory=IngressSection, description="The OpenAI HTTP front.")
 
     @model_validator(mode="after")
@@ -168,3 +164,36 @@ class AppConfig(_Strict):
 
     def tier_engine_args(self, tier: str) -> dict[str, Any]:
         return {**self.engine_args, **getattr(self, tier).engine_args}
+
+
+def reference_markdown() -> str:
+    """The config reference table in README.md, generated from the field descriptions."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)
+                        and issubclass(a, BaseModel)), None)
+            key = f"{prefix}{name}"
+            if sub is not None and sub is not AutoscalingBounds:
+                rows.append(f"| `{key}` | section | | {f.description} |")
+                walk(sub, key + ".")
+                continue
+            if f.is_required():
+                default = "required"
+            elif f.default_factory is not None:
+                default = f"`{f.default_factory()!r}`" if sub is None else ""
+            else:
+                default = f"`{f.default!r}`"
+            tname = ann.__name__ if isinstance(ann, type) else re.sub(r"[\w.]+\.(\w+)", r"\1", str(ann))
+            rows.append(f"| `{key}` | {tname.replace('|', 'or')} | {default} | {f.description} |")
+            if sub is AutoscalingBounds:
+                walk(sub, key + ".")
+
+    walk(AppConfig, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+
 from pd_serve.protocol import ReplicaInfo
 
 HEARTBEAT_S = 1.0
@@ -22,8 +24,7 @@ class Control:
 
     def register(self, info: ReplicaInfo) -> None:
         """Called by every engine replica every HEARTBEAT_S seconds (idempotent)."""
-        self._replicas[info.replica_id] = ReplicaInfo(
-            info.replica_id, info.tier, info.metrics_url, info.engine_id, info.node_ip, time.time())
+        self._replicas[info.replica_id] = msgspec.structs.replace(info, updated_at=time.time())
 
     def deregister(self, replica_id: str) -> None:
         """Called by a replica that shuts down cleanly."""

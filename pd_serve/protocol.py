@@ -39,4 +39,5 @@ class ReplicaInfo(msgspec.Struct, frozen=True):
     metrics_url: str
     engine_id: str
     node_ip: str
+    pid: int = 0
     updated_at: float = 0.0

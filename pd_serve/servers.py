@@ -18,7 +18,9 @@ rejection notice or, at worst, prefill's lease (``kv_transfer.lease_s``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from typing import Any, AsyncIterator
 
@@ -69,7 +71,7 @@ class _EngineReplica:
             replica_id=self.replica_id, tier=self.tier,  # type: ignore[arg-type]
             metrics_url=f"http://{self.host.host}:{port}/metrics",
             engine_id=self.host.plan.identity.engine_id if self.host.plan.identity else "",
-            node_ip=self.host.host)
+            node_ip=self.host.host, pid=os.getpid())
         self._control = control
         await control.register.remote(self.info)
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
@@ -157,28 +159,43 @@ class DecodeServer(_EngineReplica):
             update["max_completion_tokens"] = 1
         return request.model_copy(update=update)
 
-    async def _remote_prefill(self, kind: RequestKind, request: Any) -> PrefillResult | None:
-        """Returns the prefill result, or None when the failure policy says prefill locally."""
+    async def _remote_prefill(self, kind: RequestKind, request: Any) -> tuple[PrefillResult | None, str]:
+        """Ask the prefill tier. Returns (result, reason); result None means: prefill locally.
+
+        A prefill replica is reserved first (Ray Serve's ``choose_replica``): if none frees up
+        within ``prefill_select_timeout_s`` (tier down, restarting or saturated), decode
+        prefills locally at once instead of queueing behind it.
+        """
+        kt = self.cfg.kv_transfer
+        preq = self._prefill_copy(kind, request)
         t0 = time.perf_counter()
-        try:
-            res: PrefillResult = await self._prefill.prefill.remote(kind, self._prefill_copy(kind, request))
-        except asyncio.CancelledError:
-            m.CLIENT_ABORTS.labels("prefill").inc()
-            raise
-        except Exception as e:  # replica died, deployment unavailable, engine error
-            reason = type(e).__name__
-            m.REMOTE_PREFILL_FAILURES.labels(reason).inc()
-            logger.warning("request %s: remote prefill failed (%s)", request.request_id, e)
-            if self.cfg.kv_transfer.failure_policy == "fail":
-                return PrefillResult(status=502, error_body=_json(error_body(
-                    f"remote prefill failed: {reason}", 502, "PrefillFailedError")))
-            return None
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                selection = await asyncio.wait_for(
+                    stack.enter_async_context(self._prefill.prefill.choose_replica(kind, preq)),
+                    kt.prefill_select_timeout_s)
+            except asyncio.TimeoutError:
+                return None, "prefill_unavailable"
+            try:
+                res: PrefillResult = await asyncio.wait_for(
+                    self._prefill.dispatch(selection, kind, preq), kt.prefill_timeout_s)
+            except asyncio.CancelledError:
+                m.CLIENT_ABORTS.labels("prefill").inc()
+                raise
+            except Exception as e:  # replica died, engine error, timeout
+                reason = type(e).__name__
+                m.REMOTE_PREFILL_FAILURES.labels(reason).inc()
+                logger.warning("request %s: remote prefill failed (%r)", request.request_id, e)
+                if kt.failure_policy == "fail":
+                    return PrefillResult(status=502, error_body=_json(error_body(
+                        f"remote prefill failed: {reason}", 502, "PrefillFailedError"))), "failed"
+                return None, "remote_failed"
         m.REMOTE_PREFILL_SECONDS.observe(time.perf_counter() - t0)
         if res.status >= 500:
             m.REMOTE_PREFILL_FAILURES.labels(f"http_{res.status}").inc()
-            if self.cfg.kv_transfer.failure_policy != "fail":
-                return None
-        return res
+            if kt.failure_policy != "fail":
+                return None, "remote_failed"
+        return res, "remote"
 
     # -- the request path ---------------------------------------------------------------------
     async def generate(self, kind: RequestKind, request: Any) -> AsyncIterator[JSONReply | str]:
@@ -187,9 +204,9 @@ class DecodeServer(_EngineReplica):
         api = "chat" if kind == "chat" else "completions"
         where, reason = self._decide(request)
         if where == "remote":
-            res = await self._remote_prefill(kind, request)
+            res, reason = await self._remote_prefill(kind, request)
             if res is None:
-                where, reason = "local", "remote_failed"
+                where = "local"
             elif res.status != 200:
                 m.REQUESTS.labels(api, "error").inc()
                 yield JSONReply(res.status, res.error_body or b"")

@@ -25,10 +25,48 @@ REF_PORT = PD_PORT + 1
 LOG_DIR = Path(os.environ.get("PD_SERVE_TEST_LOG_DIR", ROOT / ".test-logs"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "disruptive: kills parts of the shared app; runs after the others")
+    config.addinivalue_line("markers", "own_app: needs a differently configured app; runs last")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+    # one app at a time on 2 cores: shared-app tests first, then the ones that break it,
+    # then the ones that need their own app
+    items.sort(key=lambda i: (i.get_closest_marker("own_app") is not None,
+                              i.get_closest_marker("disruptive") is not None))
+
+
+class Apps:
+    """Holds at most one running pd_serve app; starting another stops the current one."""
+
+    def __init__(self) -> None:
+        self._name: str | None = None
+        self._cm = None
+        self.url = ""
+
+    def get(self, name: str, args: dict) -> str:
+        if name != self._name:
+            self.close()
+            self._cm = pd_serve_app(args, PD_PORT)
+            self.url = self._cm.__enter__()
+            self._name = name
+        return self.url
+
+    def close(self) -> None:
+        if self._cm is not None:
+            cm, self._cm, self._name = self._cm, None, None
+            cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def apps(reference):  # depends on `reference` so that engines never overlap
+    a = Apps()
+    yield a
+    a.close()
 
 
 @pytest.fixture(scope="session")
@@ -49,10 +87,10 @@ def reference(model_path: str) -> dict[str, cases.Output]:
             return {c.name: cases.run(client, c) for c in cases.ALL}
 
 
-@pytest.fixture(scope="session")
-def pd_url(reference) -> str:  # depends on `reference` so that engines never overlap
-    with pd_serve_app(load_app_args(), PD_PORT) as url:
-        yield url
+@pytest.fixture
+def pd_url(apps: Apps) -> str:
+    """The shared app, configured as configs/tiny-cpu.yaml."""
+    return apps.get("tiny-cpu", load_app_args())
 
 
 @pytest.fixture

@@ -76,3 +76,12 @@ def test_gpu_device_needs_gpus() -> None:
     args = config_args("llama70b.yaml")
     args["decode"]["num_gpus_per_worker"] = 0
     assert "set num_gpus_per_worker" in _err(args)
+
+
+def test_readme_config_reference_matches_the_code() -> None:
+    from pd_serve.config import reference_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+    table = readme[readme.index(start) + len(start):readme.index(end)]
+    assert table == reference_markdown(), "regenerate with: python -m pd_serve.config"
