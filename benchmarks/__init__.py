@@ -1,0 +1,1 @@
+"""Benchmarks: serving latency side by side (``python -m benchmarks.serving_bench``)."""

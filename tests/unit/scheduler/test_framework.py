@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from scheduler import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    CycleContext,
+    NoEligibleWorker,
+    Profile,
+    RouteReason,
+    Scorer,
+    WorkerView,
+    load_profiles,
+    make_scheduler,
+)
+from scheduler.plugins import HealthyFilter, KvHeadroomScorer, PrefixScorer, QueueScorer, SaturatedFilter
+
+from .conftest import FakeClock, make_ctx, make_workers, tokens
+
+
+def profile(*scorers: tuple[object, float], filters: tuple[object, ...] = ()) -> Profile:
+    return Profile("p", filters=filters, scorers=scorers)  # type: ignore[arg-type]
+
+
+def test_prefix_hit_wins_by_default(make_tier) -> None:
+    tier = make_tier(n_workers=4)
+    toks = tokens(1, 32)
+    tier.store("w2", toks)
+    tier.registry.update("w2", kv_usage=0.6, num_running=5)  # busier, but holds the prompt
+    d = tier.scheduler.route(make_ctx(toks))
+    assert d.worker == "w2"
+    assert (d.matched_blocks, d.matched_tokens, d.reason, d.num_eligible) == (8, 32, RouteReason.PREFIX_HIT, 4)
+    assert d.scores["prefix"] == 1.0 and d.scores["queue"] == 0.0
+    assert d.scores["total"] == pytest.approx(2 * 1.0 + 0.4 + 0.0)
+
+
+def test_weights_decide_between_signals(make_tier) -> None:
+    toks = tokens(1, 32)
+    for weights, winner in (((1.0, 0.1), "w0"), ((0.1, 1.0), "w1")):
+        tier = make_tier(profile((PrefixScorer(), weights[0]), (KvHeadroomScorer(), weights[1])), n_workers=2)
+        tier.store("w0", toks)
+        tier.registry.update("w0", kv_usage=0.9)
+        assert tier.scheduler.route(make_ctx(toks)).worker == winner
+
+
+def test_no_prefix_means_load_reason_and_headroom_wins(make_tier) -> None:
+    tier = make_tier(n_workers=3)
+    tier.registry.update("w0", kv_usage=0.5)
+    tier.registry.update("w1", kv_usage=0.1)
+    tier.registry.update("w2", kv_usage=0.3)
+    d = tier.scheduler.route(make_ctx(tokens(1, 32)))
+    assert (d.worker, d.reason, d.matched_blocks) == ("w1", RouteReason.LOAD, 0)
+
+
+class Wild(Scorer):
+    type_name = "wild_test"
+
+    def score(self, ctx: CycleContext, view: WorkerView, keep: np.ndarray) -> np.ndarray:
+        return np.array([5.0, -3.0, 0.5])
+
+
+def test_scores_are_clamped(make_tier) -> None:
+    tier = make_tier(profile((Wild(), 1.0)), n_workers=3)
+    d = tier.scheduler.route(make_ctx(tokens(1, 8)))
+    assert d.worker == "w0" and d.scores == {"wild_test": 1.0, "total": 1.0}
+
+
+def test_ties_are_random_and_seedable(make_tier) -> None:
+    tier = make_tier(n_workers=3)
+    ctx = make_ctx(tokens(1, 8))
+    counts = Counter(tier.scheduler.route(ctx).worker for _ in range(600))
+    assert set(counts) == {"w0", "w1", "w2"} and min(counts.values()) > 150
+    runs = []
+    for _ in range(2):
+        sched = make_tier(n_workers=3, rng=5).scheduler
+        runs.append([sched.route(ctx).worker for _ in range(20)])
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+
+
+def test_no_eligible_worker(make_tier) -> None:
+    tier = make_tier()
+    ctx = make_ctx(tokens(1, 8))
+    with pytest.raises(NoEligibleWorker) as e:
+        tier.scheduler.route(ctx)
+    assert e.value.stage == "membership"
+    make_workers(tier.registry, 2)
+    tier.registry.update("w0", kv_usage=0.99)
+    tier.registry.set_healthy("w1", False)
+    with pytest.raises(NoEligibleWorker) as e:
+        tier.scheduler.route(ctx)
+    assert e.value.stage == "filter 'saturated'" and e.value.num_workers == 2 and e.value.tier == "decode"
+    with pytest.raises(NoEligibleWorker) as e:
+        tier.scheduler.route(make_ctx(tokens(1, 8), candidates=["nobody"]))
+    assert e.value.stage == "candidates"
+
+
+def test_candidates_restrict_and_single_candidate_reason(make_tier) -> None:
+    tier = make_tier(n_workers=4)
+    toks = tokens(1, 16)
+    tier.store("w0", toks)
+    d = tier.scheduler.route(make_ctx(toks, candidates=["w3", "unknown"]))
+    assert (d.worker, d.reason, d.num_eligible) == ("w3", RouteReason.SINGLE_CANDIDATE, 1)
+    d = tier.scheduler.route(make_ctx(toks, candidates=["w2", "w0"]))
+    assert d.worker == "w0"
+
+
+def test_metrics_hook_times_every_plugin(make_tier) -> None:
+    calls: list[tuple[str, str, float]] = []
+    tier = make_tier(n_workers=2, metrics_hook=lambda *a: calls.append(a))
+    tier.store("w0", tokens(1, 8))
+    tier.scheduler.route(make_ctx(tokens(1, 8)))
+    names = [c[1] for c in calls]
+    assert names == ["prefix_index", "healthy", "saturated", "prefix", "kv_headroom", "queue", "max_score"]
+    assert all(c[0] == "decode" and c[2] >= 0 for c in calls)
+
+
+def test_on_routed_makes_the_next_request_sticky(make_tier, clock: FakeClock) -> None:
+    tier = make_tier(n_workers=8, speculative_ttl_s=2.0)
+    ctx = make_ctx(tokens(1, 64))
+    first = tier.scheduler.route(ctx)
+    tier.scheduler.on_routed(ctx, first.worker)
+    follow_up = make_ctx(tokens(1, 64) + tokens(2, 16), request_id="r2")
+    assert tier.scheduler.route(follow_up).worker == first.worker
+    assert tier.registry.get(first.worker).num_inflight == 1  # type: ignore[union-attr]
+    tier.scheduler.on_completed(first.worker)
+    assert tier.registry.get(first.worker).num_inflight == 0  # type: ignore[union-attr]
+    clock.advance(3)  # no event confirmed it: the speculation expires
+    assert tier.scheduler.match(follow_up) == {}
+
+
+def test_alternates_are_ranked(make_tier) -> None:
+    tier = make_tier(profile((KvHeadroomScorer(), 1.0)), n_workers=5)
+    for i, usage in enumerate([0.5, 0.1, 0.9, 0.3, 0.2]):
+        tier.registry.update(f"w{i}", kv_usage=usage)
+    d = tier.scheduler.route(make_ctx(tokens(1, 8)), alternates=3)
+    assert d.worker == "w1" and d.alternates == ("w4", "w3", "w0")
+    d = tier.scheduler.route(make_ctx(tokens(1, 8), candidates=["w2", "w0"]), alternates=3)
+    assert d.worker == "w0" and d.alternates == ("w2",)
+
+
+def test_block_size_mismatch_is_a_broken_invariant(make_tier) -> None:
+    from scheduler import RequestContext
+
+    tier = make_tier(n_workers=1)
+    with pytest.raises(ValueError, match="block_size"):
+        tier.scheduler.route(RequestContext.from_tokens("r", tokens(1, 64), 16))
+
+
+def test_eligible_counts(make_tier) -> None:
+    tier = make_tier(n_workers=3)
+    tier.registry.update("w0", kv_usage=0.99)
+    assert tier.scheduler.eligible_counts() == (3, 2)
+
+
+def test_make_scheduler_modes() -> None:
+    clock = FakeClock()
+    s = make_scheduler("prefill", 4, approximate=True, speculative_capacity=3, rng=1, clock=clock)
+    assert s.speculative_ttl_s == 600 and s.profile.name == "prefill"
+    s.registry.sync(["a", "b"])
+    ctx = make_ctx(tokens(1, 32))
+    s.on_routed(ctx, "b")
+    assert s.match(ctx) == {}  # capacity 3 kept only the last 3 of 8 blocks: no prefix
+    assert make_scheduler("decode", 4).speculative_ttl_s == 30.0
+
+
+# ---------------------------------------------------------------------- config loader
+
+
+def test_default_profiles() -> None:
+    profiles = load_profiles(None)
+    assert set(profiles) == {"decode", "prefill"}
+    p = profiles["decode"]
+    assert [type(f) for f in p.filters] == [HealthyFilter, SaturatedFilter]
+    assert [(type(s), w) for s, w in p.scorers] == [(PrefixScorer, 2.0), (KvHeadroomScorer, 1.0), (QueueScorer, 1.0)]
+    assert p.picker.name == "max_score"
+
+
+def test_named_plugins_params_and_implicit_picker() -> None:
+    cfg = {
+        "plugins": [
+            {"type": "saturated", "name": "strict", "params": {"kv_usage_threshold": 0.5}},
+            {"type": "prefix"},
+        ],
+        "profiles": {"decode": {"plugins": [{"ref": "strict"}, {"ref": "prefix"}]}},
+    }
+    p = load_profiles(cfg)["decode"]
+    assert p.filters[0].name == "strict" and p.filters[0].params.kv_usage_threshold == 0.5  # type: ignore[attr-defined]
+    assert p.scorers[0][1] == 1.0 and p.picker.type_name == "max_score"
+
+
+def _with(mutate) -> dict:
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    mutate(cfg)
+    return cfg
+
+
+def _add_second_picker(c: dict) -> None:
+    c["plugins"].append({"type": "max_score", "name": "p2"})
+    c["profiles"]["decode"]["plugins"].append({"ref": "p2"})
+
+
+def _ref(c: dict, tier: str = "decode") -> list:
+    return c["profiles"][tier]["plugins"]
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda c: c["plugins"].append({"type": "prefix"}), r"plugins\[6\]: duplicate plugin name 'prefix'"),
+        (lambda c: c["plugins"].append({"type": "nope"}), r"plugins\[6\]: unknown plugin type 'nope'"),
+        (
+            lambda c: c["plugins"][1].update(params={"kv_usage_threshold": 2}),
+            r"plugins\[1\] \(saturated\): invalid params",
+        ),
+        (lambda c: c["plugins"][0].update(parms={}), r"plugins\[0\]: unknown key"),
+        (lambda c: _ref(c).append({"ref": "prefx"}), r"profiles.decode.plugins\[6\]: unknown plugin 'prefx'"),
+        (lambda c: _ref(c).append({"ref": "queue"}), r"plugin 'queue' is referenced twice"),
+        (lambda c: _ref(c, "prefill")[0].update(weight=1), r"'healthy' is a filter; only scorers take a weight"),
+        (lambda c: _ref(c)[2].update(weight=-1), r"weight must be a finite number >= 0"),
+        (lambda c: _ref(c)[2].update(weight="2"), r"weight must be a finite number"),
+        (_add_second_picker, r"profiles.decode: more than one picker"),
+        (lambda c: c.update(profiles={}), r"at least one profile"),
+        (lambda c: c.update(extra=1), r"config: unknown key"),
+    ],
+)
+def test_config_errors(mutate, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_profiles(_with(mutate))

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from scheduler import CycleContext, RequestContext, WorkerRegistry
+from scheduler.plugins import (
+    HealthyFilter,
+    KvHeadroomScorer,
+    MaxScorePicker,
+    PrefixScorer,
+    QueueScorer,
+    SaturatedFilter,
+)
+
+from .conftest import FakeClock, make_workers
+
+
+@pytest.fixture
+def reg(clock: FakeClock) -> WorkerRegistry:
+    r = WorkerRegistry("decode", clock=clock)
+    make_workers(r, 4)
+    return r
+
+
+def cycle(reg: WorkerRegistry, clock: FakeClock, matched: list[int] | None = None, n_keys: int = 4) -> CycleContext:
+    ctx = RequestContext("r", list(range(n_keys)), n_keys * 4, 4)
+    return CycleContext(ctx, clock(), np.array(matched or [0] * len(reg), dtype=np.int64))
+
+
+ALL = np.ones(4, dtype=bool)
+
+
+def test_healthy_filter(reg: WorkerRegistry, clock: FakeClock) -> None:
+    reg.set_healthy("w1", False)
+    assert HealthyFilter().filter(cycle(reg, clock), reg.view(), ALL).tolist() == [True, False, True, True]
+    clock.advance(10)
+    reg.update("w2")
+    f = HealthyFilter(params={"max_staleness_s": 5})
+    assert f.filter(cycle(reg, clock), reg.view(), ALL).tolist() == [False, False, True, False]
+    # a filter never re-admits rows already removed
+    assert not HealthyFilter().filter(cycle(reg, clock), reg.view(), np.zeros(4, bool)).any()
+    with pytest.raises(ValidationError):
+        HealthyFilter(params={"max_staleness_s": -1})
+
+
+def test_saturated_filter(reg: WorkerRegistry, clock: FakeClock) -> None:
+    reg.update("w0", kv_usage=0.95)
+    reg.update("w1", kv_usage=0.94, num_waiting=33)
+    reg.update("w2", kv_usage=0.5, num_waiting=32)
+    f = SaturatedFilter()
+    assert f.filter(cycle(reg, clock), reg.view(), ALL).tolist() == [False, False, True, True]
+    f = SaturatedFilter(params={"kv_usage_threshold": 0.4, "max_waiting": 100})
+    assert f.filter(cycle(reg, clock), reg.view(), ALL).tolist() == [False, False, False, True]
+    with pytest.raises(ValidationError):
+        SaturatedFilter(params={"kv_usage_threshold": 1.5})
+    with pytest.raises(ValidationError):
+        SaturatedFilter(params={"max_wait": 1})  # typo: extra="forbid"
+
+
+def test_prefix_scorer(reg: WorkerRegistry, clock: FakeClock) -> None:
+    s = PrefixScorer().score(cycle(reg, clock, [0, 1, 4, 2], n_keys=4), reg.view(), ALL)
+    assert s.tolist() == [0.0, 0.25, 1.0, 0.5]
+    assert PrefixScorer().score(cycle(reg, clock, n_keys=0), reg.view(), ALL).tolist() == [0.0] * 4
+
+
+def test_kv_headroom_scorer(reg: WorkerRegistry, clock: FakeClock) -> None:
+    reg.update("w0", kv_usage=0.25)
+    reg.update("w3", kv_usage=1.0)
+    assert KvHeadroomScorer().score(cycle(reg, clock), reg.view(), ALL).tolist() == [0.75, 1.0, 1.0, 0.0]
+
+
+def test_queue_scorer(reg: WorkerRegistry, clock: FakeClock) -> None:
+    assert QueueScorer().score(cycle(reg, clock), reg.view(), ALL).tolist() == [1.0] * 4
+    reg.update("w0", num_running=2, num_waiting=2)
+    reg.update("w1", num_running=2)
+    reg.on_routed("w2")  # in-flight counts when the engine has not reported it yet
+    reg.update("w3", num_running=8)  # the busiest, but filtered out below
+    keep = np.array([True, True, True, False])
+    assert QueueScorer().score(cycle(reg, clock), reg.view(), keep)[:3].tolist() == [0.0, 0.5, 0.75]
+
+
+def test_max_score_picker_breaks_ties_uniformly() -> None:
+    picker = MaxScorePicker()
+    scores = np.array([1.0, 3.0, -np.inf, 3.0, 3.0 - 1e-12, 2.0])
+    rng = random.Random(7)
+    counts = Counter(picker.pick(scores, rng) for _ in range(3000))
+    assert set(counts) == {1, 3, 4}
+    assert all(900 <= c <= 1100 for c in counts.values()), counts
+    assert picker.pick(np.array([-np.inf, 0.5]), rng) == 1
+    # seeded: reproducible
+    a = [picker.pick(scores, random.Random(1)) for _ in range(5)]
+    b = [picker.pick(scores, random.Random(1)) for _ in range(5)]
+    assert a == b
+    strict = MaxScorePicker(params={"tie_tolerance": 0.0})
+    assert {strict.pick(scores, rng) for _ in range(200)} == {1, 3}
