@@ -39,6 +39,14 @@ def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
             "runtime_env": {"env_vars": {**_PD_ENV, **t.env}},
         },
     }
+    r = cfg.router
+    if r.policy != "ray_default":
+        cls = "PrefixAwareRouter" if r.policy == "prefix_aware" else "RoundRobinRouter"
+        opts["request_router_config"] = {
+            "request_router_class": f"pd_serve.routing:{cls}",
+            "request_router_kwargs": {"tier": tier, "block_size": cfg.block_size, "profiles": r.profiles},
+            "request_routing_stats_period_s": r.stats_period_s,
+        }
     if t.autoscaling is not None:
         a = t.autoscaling
         opts["autoscaling_config"] = {

@@ -105,12 +105,43 @@ class KVTransferSection(_Strict):
         return self
 
 
+class RouterSection(_Strict):
+    """Replica choice on both tiers and the P/D decision (docs/scheduler.md)."""
+
+    policy: Literal["prefix_aware", "round_robin", "ray_default"] = Field(
+        "prefix_aware", description="Replica choice: pd_serve's scheduler, plain round robin (a baseline), "
+        "or Ray Serve's default power-of-two-choices.")
+    kv_events: bool = Field(True, description="Engines publish KV events (ZMQ) that feed the prefix index "
+                            "exactly; off, the index learns from routing history only.")
+    profiles: dict[str, Any] | None = Field(
+        None, description="Scheduler plugins and profiles (`plugins:` / `profiles:` as in docs/scheduler.md); "
+        "None uses the defaults.")
+    remote_prefill_min_tokens: int = Field(
+        256, ge=0, description="P/D decider: prefill on the decode engine when at most this many prompt tokens "
+        "are not already cached there.")
+    prefill_saturation_kv_usage: float = Field(
+        0.95, gt=0, le=1, description="A prefill replica at or above this KV usage counts as saturated.")
+    prefill_max_waiting: int = Field(
+        64, ge=1, description="A prefill replica with this many waiting requests counts as saturated.")
+    stats_period_s: float = Field(1.0, gt=0, description="How often replicas report KV usage and queues to the routers.")
+
+    @model_validator(mode="after")
+    def _profiles_load(self) -> "RouterSection":
+        if self.profiles is not None:
+            from scheduler import load_profiles
+
+            load_profiles(self.profiles)  # raises ConfigError naming the dangling/duplicate reference
+        return self
+
+
 class IngressSection(_Strict):
     host: str = Field("127.0.0.1", description="Address the OpenAI endpoint listens on (Serve http_options.host).")
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI endpoint (Serve http_options.port).")
     replicas: int = Field(1, ge=1, description="Ingress replicas.")
     num_cpus: float = Field(0.1, ge=0, description="CPUs per ingress replica.")
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer tokens; empty disables auth.")
+    retries: int = Field(1, ge=0, le=5, description="Times a request is re-sent to another decode replica when "
+                         "its replica fails before answering anything (nothing reached the client yet).")
 
 
 class AppConfig(_Strict):
@@ -123,6 +154,7 @@ class AppConfig(_Strict):
     prefill: TierConfig = Field(default_factory=TierConfig, description="The prefill tier (KV producer).")
     decode: TierConfig = Field(default_factory=TierConfig, description="The decode tier (KV consumer, orchestrates requests).")
     kv_transfer: KVTransferSection = Field(default_factory=KVTransferSection, description="How KV moves between tiers.")
+    router: RouterSection = Field(default_factory=RouterSection, description="Replica choice and the P/D decision.")
     ingress: IngressSection = Field(default_factory=IngressSection, description="The OpenAI HTTP front.")
 
     @model_validator(mode="after")
@@ -162,8 +194,15 @@ class AppConfig(_Strict):
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
+    @property
+    def block_size(self) -> int:
+        """KV block size of both tiers (equal by validation): as configured, else vLLM's default
+        for the device. Set explicitly on the engines so that the routers hash the same blocks."""
+        return int(self.engine_args.get("block_size") or self.decode.engine_args.get("block_size")
+                   or (16 if self.device == "gpu" else 128))
+
     def tier_engine_args(self, tier: str) -> dict[str, Any]:
-        return {**self.engine_args, **getattr(self, tier).engine_args}
+        return {**self.engine_args, **getattr(self, tier).engine_args, "block_size": self.block_size}
 
 
 def reference_markdown() -> str:

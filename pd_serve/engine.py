@@ -45,8 +45,12 @@ class EnginePlan:
     identity: ReplicaTransferIdentity | None
 
 
+KV_EVENTS_TOPIC = "kv-events"
+
+
 def plan_engine(cfg: AppConfig, tier: Tier, *, replica_tag: str, host: str,
-                side_channel_port: int | None, core: int | None) -> EnginePlan:
+                side_channel_port: int | None, core: int | None,
+                kv_events_port: int | None = None) -> EnginePlan:
     """Translate the app config into engine kwargs and environment for one replica."""
     t = getattr(cfg, tier)
     kwargs: dict[str, Any] = {
@@ -58,6 +62,10 @@ def plan_engine(cfg: AppConfig, tier: Tier, *, replica_tag: str, host: str,
         "disable_log_stats": False,
     }
     kwargs.update(cfg.tier_engine_args(tier))
+    if kv_events_port is not None:
+        # The engine binds; routers and this replica's own decider subscribe.
+        kwargs["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq",
+                                      "endpoint": f"tcp://*:{kv_events_port}", "topic": KV_EVENTS_TOPIC}
     if cfg.device == "gpu" and t.world_size > 1:
         kwargs.setdefault("distributed_executor_backend", "ray")
     env: dict[str, str] = dict(t.env)
@@ -98,8 +106,9 @@ class EngineHost:
         if cfg.kv_transfer.backend == "nixl":
             port = claim_port(cfg.kv_transfer.side_channel_host or self.host,
                               cfg.kv_transfer.side_channel_base_port)
+        self.kv_events_port = claim_port(self.host, 26100) if cfg.router.kv_events else None
         self.plan = plan_engine(cfg, tier, replica_tag=replica_tag, host=self.host,
-                                side_channel_port=port, core=core)
+                                side_channel_port=port, core=core, kv_events_port=self.kv_events_port)
         os.environ.update(self.plan.env)
         self.engine: Any = None
         self.serving_completion: Any = None
@@ -109,7 +118,7 @@ class EngineHost:
 
     async def start(self) -> None:
         from starlette.datastructures import State
-        from vllm.config import KVTransferConfig
+        from vllm.config import KVEventsConfig, KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.cli_args import FrontendArgs
@@ -119,6 +128,8 @@ class EngineHost:
         kwargs = dict(self.plan.engine_kwargs)
         if "kv_transfer_config" in kwargs:
             kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
+        if "kv_events_config" in kwargs:
+            kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
         engine_args = AsyncEngineArgs(**kwargs)
         t0 = time.perf_counter()
         self.vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
@@ -134,6 +145,29 @@ class EngineHost:
         self.serving_models = state.openai_serving_models
         logger.info("%s engine %s up in %.1fs (env %s)", self.tier, self.replica_tag,
                     time.perf_counter() - t0, self.plan.env)
+
+    @property
+    def kv_events_endpoint(self) -> str | None:
+        return None if self.kv_events_port is None else f"tcp://{self.host}:{self.kv_events_port}"
+
+    def stats(self) -> dict[str, float]:
+        """The engine's load as its own Prometheus gauges show it (this process's registry).
+
+        Called by the heartbeat and by Serve's routing-stats poll (about once a second)."""
+        from prometheus_client import REGISTRY
+
+        want = {"vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_requests_running": "num_running",
+                "vllm:num_requests_waiting": "num_waiting"}
+        out = {"kv_usage": 0.0, "num_running": 0, "num_waiting": 0}
+        for fam in REGISTRY.collect():
+            for sample in fam.samples:
+                key = want.get(sample.name)
+                if key is not None:
+                    out[key] += sample.value
+        out["num_running"] = int(out["num_running"])
+        out["num_waiting"] = int(out["num_waiting"])
+        out["capacity_blocks"] = int(self.vllm_config.cache_config.num_gpu_blocks or 0)
+        return out
 
     @property
     def block_size(self) -> int:

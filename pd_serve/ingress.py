@@ -19,13 +19,17 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 
 from pd_serve import metrics as m
 from pd_serve.config import AppConfig
 from pd_serve.errors import error_body
-from pd_serve.protocol import JSONReply
+from pd_serve.protocol import JSONReply, RoutingHint
+from pd_serve.tiny_model import resolve_model
 
 logger = logging.getLogger(__name__)
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
 app = FastAPI(title="pd_serve", docs_url=None, redoc_url=None)
 
 
@@ -62,6 +66,9 @@ class Ingress:
         self.models = {self.cfg.model_name}
         self.request_models = {"completion": CompletionRequest, "chat": ChatCompletionRequest}
         self.api_keys = set(self.cfg.ingress.api_keys)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.cfg.model))
         self._http = httpx.AsyncClient(timeout=5.0)
 
     # -- admission --------------------------------------------------------------------------
@@ -90,24 +97,57 @@ class Ingress:
                 return _err(400, f"{field} must be at least 1, got {v}", field)
         return req
 
+    def _render(self, kind: str, req: Any) -> RoutingHint | None:
+        """Render the prompt to token ids once; they drive routing on both tiers.
+
+        Completions: a text prompt is replaced by its ids, so the engines receive exactly these
+        ids. Chat: the ids come from the model's own chat template (the engines render the same
+        template; an integration test checks that the ids agree). Batched prompts and other
+        shapes are routed by load only (``None``)."""
+        try:
+            if kind == "completion":
+                if isinstance(req.prompt, str):
+                    req.prompt = self.tokenizer(req.prompt).input_ids
+                if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
+                    return RoutingHint(req.request_id, list(req.prompt))
+                return None
+            messages = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in req.messages]
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=req.add_generation_prompt, tokenize=True,
+                **(req.chat_template_kwargs or {}))
+            if not isinstance(ids, list):  # BatchEncoding in recent transformers
+                ids = ids["input_ids"]
+            return RoutingHint(req.request_id, list(ids))
+        except Exception:  # routing quality only: the engine renders (and validates) itself
+            logger.debug("request %s: could not render prompt for routing", req.request_id, exc_info=True)
+            return None
+
     async def _serve(self, kind: str, request: Request) -> Response:
         if (denied := self._auth(request)) is not None:
             return denied
         req = await self._parse(kind, request)
         if isinstance(req, Response):
             return req
-        gen = self.decode.generate.remote(kind, req)
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            return _err(500, "decode returned no answer")
-        except asyncio.CancelledError:
-            gen.cancel()
-            raise
-        except Exception as e:  # decode replica died or is unavailable
-            logger.warning("request %s failed before its first byte: %r", req.request_id, e)
-            return _err(503, f"no decode replica could serve the request: {type(e).__name__}",
-                        err_type="ServiceUnavailableError")
+        hint = self._render(kind, req)
+        for attempt in range(self.cfg.ingress.retries + 1):
+            gen = self.decode.generate.remote(kind, req, hint)
+            try:
+                first = await gen.__anext__()
+                break
+            except StopAsyncIteration:
+                return _err(500, "decode returned no answer")
+            except asyncio.CancelledError:
+                gen.cancel()
+                raise
+            except _REPLICA_GONE as e:  # the decode replica died: nothing was sent yet, try another
+                logger.warning("request %s: decode replica failed before its first byte (attempt %d): %r",
+                               req.request_id, attempt + 1, e)
+                m.INGRESS_RETRIES.labels(type(e).__name__).inc()
+            except Exception as e:
+                logger.exception("request %s failed before its first byte", req.request_id)
+                return _err(500, f"internal error: {type(e).__name__}", err_type="InternalServerError")
+        else:
+            return _err(503, "no decode replica could serve the request", err_type="ServiceUnavailableError")
         if isinstance(first, JSONReply):
             if first.status >= 400:
                 m.INGRESS_ERRORS.labels(str(first.status)).inc()

@@ -39,3 +39,35 @@ INGRESS_ERRORS = Counter(
     "Requests rejected at the ingress, by HTTP status.",
     ["status"],
 )
+ROUTING_DECISIONS = Counter(
+    "pd_serve_routing_decisions_total",
+    "Replica choices by the prefix-aware router, by tier and by why the winner won.",
+    ["tier", "reason"],
+)
+PREFIX_HIT_TOKENS = Counter(
+    "pd_serve_prefix_hit_tokens_total",
+    "Prompt tokens the chosen replica already cached (per the router's index), by tier.",
+    ["tier"],
+)
+PROMPT_TOKENS_ROUTED = Counter(
+    "pd_serve_routed_prompt_tokens_total",
+    "Prompt tokens of the requests the router placed, by tier (denominator of the hit rate).",
+    ["tier"],
+)
+SCHEDULING_SECONDS = Histogram(
+    "pd_serve_scheduling_seconds",
+    "Time the router spent choosing a replica (hashing, index match, plugins), by tier.",
+    ["tier"],
+    buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2),
+)
+SCHEDULER_PLUGIN_SECONDS = Histogram(
+    "pd_serve_scheduler_plugin_seconds",
+    "Time per scheduler plugin per decision, by tier and plugin name.",
+    ["tier", "plugin"],
+    buckets=(1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3),
+)
+INGRESS_RETRIES = Counter(
+    "pd_serve_ingress_retries_total",
+    "Requests re-sent by the ingress because their decode replica failed before answering, by error.",
+    ["error"],
+)

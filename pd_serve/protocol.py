@@ -40,4 +40,14 @@ class ReplicaInfo(msgspec.Struct, frozen=True):
     engine_id: str
     node_ip: str
     pid: int = 0
+    kv_usage: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
     updated_at: float = 0.0
+
+
+class RoutingHint(msgspec.Struct, frozen=True):
+    """The prompt as the engines will see it, rendered once by the ingress; routers hash it."""
+
+    request_id: str
+    token_ids: list[int]

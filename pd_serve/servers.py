@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import logging
 import os
+
+import msgspec
 import time
 from typing import Any, AsyncIterator
 
@@ -33,7 +35,9 @@ from pd_serve.config import AppConfig
 from pd_serve.control import HEARTBEAT_S
 from pd_serve.engine import EngineHost, drain_batches
 from pd_serve.errors import error_body
-from pd_serve.protocol import JSONReply, PrefillResult, ReplicaInfo, RequestKind
+from pd_serve.engine import KV_EVENTS_TOPIC
+from pd_serve.protocol import JSONReply, PrefillResult, ReplicaInfo, RequestKind, RoutingHint
+from scheduler import DeciderParams, KVEventSubscriber, PrefixIndex, block_keys, decide
 
 logger = logging.getLogger(__name__)
 _METRICS_BASE_PORT = 29600
@@ -79,6 +83,9 @@ class _EngineReplica:
     async def _beat(self) -> None:
         while True:
             try:
+                st = self.host.stats()
+                self.info = msgspec.structs.replace(
+                    self.info, kv_usage=st["kv_usage"], num_running=st["num_running"], num_waiting=st["num_waiting"])
                 await self._control.register.remote(self.info)
                 await self._on_beat()
             except Exception:
@@ -88,11 +95,20 @@ class _EngineReplica:
     async def _on_beat(self) -> None:
         pass
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Ray Serve every ``request_routing_stats_period_s``; read by the routers."""
+        return {**self.host.stats(), "kv_events_endpoint": self.host.kv_events_endpoint,
+                "kv_events_topic": KV_EVENTS_TOPIC, "block_size": self.host.block_size}
+
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising restarts the replica."""
         await self.host.check_health()
 
-    async def reset_prefix_cache(self) -> bool:
+    async def reset_prefix_cache(self, replica_id: str | None = None) -> bool:
+        """Drop this engine's cached prefix blocks (all replicas, or only ``replica_id``; meant
+        for ``handle.broadcast``). The engine publishes AllBlocksCleared to the routers."""
+        if replica_id is not None and replica_id != self.replica_id:
+            return False
         return await self.host.engine.reset_prefix_cache()
 
     def __del__(self) -> None:
@@ -110,7 +126,7 @@ class PrefillServer(_EngineReplica):
     async def __init__(self, cfg: dict[str, Any], control: Any) -> None:
         await self._init(cfg, control)
 
-    async def prefill(self, kind: RequestKind, request: Any) -> PrefillResult:
+    async def prefill(self, kind: RequestKind, request: Any, hint: RoutingHint | None = None) -> PrefillResult:
         """Run ``request`` (already shaped for prefill) and return its kv_transfer_params.
 
         Called once per remotely-prefilled request by a decode replica. Errors vLLM reports
@@ -134,20 +150,43 @@ class DecodeServer(_EngineReplica):
 
     async def __init__(self, cfg: dict[str, Any], control: Any, prefill: Any | None) -> None:
         self._prefill = prefill
-        self._prefill_replicas = 0
+        self._prefill_state: list[ReplicaInfo] = []
         await self._init(cfg, control)
+        r = self.cfg.router
+        self._decider = DeciderParams(threshold_tokens=r.remote_prefill_min_tokens)
+        # What this engine caches, from its own KV events: the decider's "uncached suffix".
+        self._own_index: PrefixIndex | None = None
+        if self.host.kv_events_endpoint is not None:
+            self._own_index = PrefixIndex(self.host.block_size)
+            self._own_events = KVEventSubscriber(self._own_index, self.host.kv_events_endpoint,
+                                                 self.replica_id, topic=KV_EVENTS_TOPIC)
+            self._own_events.start()
 
     async def _on_beat(self) -> None:
         if self._prefill is not None:
-            self._prefill_replicas = len(await self._control.replicas.remote("prefill"))
+            self._prefill_state = await self._control.replicas.remote("prefill")
 
     # -- P/D decision -------------------------------------------------------------------------
-    def _decide(self, request: Any) -> tuple[str, str]:
+    def _cached_tokens(self, hint: RoutingHint) -> int:
+        if self._own_index is None:
+            return 0
+        keys = block_keys(hint.token_ids, self.host.block_size)
+        matched = self._own_index.match(keys).get(self.replica_id, 0)
+        return matched * self.host.block_size
+
+    def _decide(self, hint: RoutingHint | None) -> tuple[str, str]:
         if self._prefill is None:
             return "local", "no_prefill_tier"
-        if self._prefill_replicas == 0:
-            return "local", "no_prefill_replicas"
-        return "remote", "remote"
+        r = self.cfg.router
+        workers = len(self._prefill_state)
+        eligible = sum(1 for p in self._prefill_state
+                       if p.kv_usage < r.prefill_saturation_kv_usage and p.num_waiting < r.prefill_max_waiting)
+        if hint is None:  # no token ids (e.g. a batch prompt): only the tier's state decides
+            prompt, cached = self._decider.threshold_tokens + 1, 0
+        else:
+            prompt, cached = len(hint.token_ids), self._cached_tokens(hint)
+        d = decide(prompt, cached, workers, eligible, self._decider)
+        return ("remote" if d.remote else "local"), str(d.reason)
 
     @staticmethod
     def _prefill_copy(kind: RequestKind, request: Any) -> Any:
@@ -159,7 +198,8 @@ class DecodeServer(_EngineReplica):
             update["max_completion_tokens"] = 1
         return request.model_copy(update=update)
 
-    async def _remote_prefill(self, kind: RequestKind, request: Any) -> tuple[PrefillResult | None, str]:
+    async def _remote_prefill(self, kind: RequestKind, request: Any,
+                              hint: RoutingHint | None) -> tuple[PrefillResult | None, str]:
         """Ask the prefill tier. Returns (result, reason); result None means: prefill locally.
 
         A prefill replica is reserved first (Ray Serve's ``choose_replica``): if none frees up
@@ -172,13 +212,13 @@ class DecodeServer(_EngineReplica):
         async with contextlib.AsyncExitStack() as stack:
             try:
                 selection = await asyncio.wait_for(
-                    stack.enter_async_context(self._prefill.prefill.choose_replica(kind, preq)),
+                    stack.enter_async_context(self._prefill.prefill.choose_replica(kind, preq, hint)),
                     kt.prefill_select_timeout_s)
             except asyncio.TimeoutError:
                 return None, "prefill_unavailable"
             try:
                 res: PrefillResult = await asyncio.wait_for(
-                    self._prefill.dispatch(selection, kind, preq), kt.prefill_timeout_s)
+                    self._prefill.dispatch(selection, kind, preq, hint), kt.prefill_timeout_s)
             except asyncio.CancelledError:
                 m.CLIENT_ABORTS.labels("prefill").inc()
                 raise
@@ -198,13 +238,14 @@ class DecodeServer(_EngineReplica):
         return res, "remote"
 
     # -- the request path ---------------------------------------------------------------------
-    async def generate(self, kind: RequestKind, request: Any) -> AsyncIterator[JSONReply | str]:
+    async def generate(self, kind: RequestKind, request: Any,
+                       hint: RoutingHint | None = None) -> AsyncIterator[JSONReply | str]:
         """Serve one OpenAI request. Yields one ``JSONReply`` (a full answer or an error), or
         the SSE stream as strings, each holding every chunk that was ready."""
         api = "chat" if kind == "chat" else "completions"
-        where, reason = self._decide(request)
+        where, reason = self._decide(hint)
         if where == "remote":
-            res, reason = await self._remote_prefill(kind, request)
+            res, reason = await self._remote_prefill(kind, request, hint)
             if res is None:
                 where = "local"
             elif res.status != 200:

@@ -36,8 +36,12 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
     # one app at a time on 2 cores: shared-app tests first, then the ones that break it,
     # then the ones that need their own app
-    items.sort(key=lambda i: (i.get_closest_marker("own_app") is not None,
-                              i.get_closest_marker("disruptive") is not None))
+    def key(item):
+        own = item.get_closest_marker("own_app")
+        return (own is not None, item.get_closest_marker("disruptive") is not None,
+                own.args[0] if own and own.args else "")
+
+    items.sort(key=key)
 
 
 class Apps:
@@ -99,14 +103,14 @@ def client(pd_url: str):
         yield c
 
 
-def wait_idle(url: str, timeout: float = 30.0) -> Scrape:
+def wait_idle(url: str, timeout: float = 30.0, engines: int = 2) -> Scrape:
     """Wait until no engine has running or waiting requests and no KV block is in use."""
     deadline = time.monotonic() + timeout
     while True:
         s = Scrape.get(url)
         busy = (s.sum("vllm:num_requests_running") + s.sum("vllm:num_requests_waiting")
                 + s.sum("vllm:kv_cache_usage_perc"))
-        if busy == 0 and len(s.values("vllm:kv_cache_usage_perc")) >= 2:
+        if busy == 0 and len(s.values("vllm:kv_cache_usage_perc")) >= engines:
             return s
         if time.monotonic() > deadline:
             raise AssertionError(

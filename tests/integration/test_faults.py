@@ -72,7 +72,7 @@ def test_dead_prefill_replica_falls_back_to_local_prefill_and_recovers(
     assert len(_engine_processes()) == 2
 
 
-@pytest.mark.own_app
+@pytest.mark.own_app("wrong-prefill-weights")
 def test_decode_continues_from_transferred_kv_not_its_own(apps, reference) -> None:
     """Control: prefill runs other (random) weights under the same model path. If decode really
     continues from the transferred KV, its tokens change; if it silently recomputed, they would not."""

@@ -1,0 +1,138 @@
+"""Ray Serve request routers that run pd_serve's scheduler, one per tier.
+
+``PrefixAwareRouter`` is set on both engine deployments (``request_router_config``). Ray
+Serve instantiates it inside each caller's process: for decode in the ingress, for prefill
+in every decode replica. It keeps the tier's prefix index up to date from the engines' own KV
+events (ZMQ, one subscriber per replica, endpoint published in the replica's routing stats),
+follows replica membership, reads KV usage and queues from the routing stats, and ranks the
+candidates with ``scheduler.Scheduler.route``.
+
+The request being routed carries a ``RoutingHint`` (its prompt token ids, rendered once by the
+ingress) as its third positional argument; requests without one fall back to load only.
+
+``RoundRobinRouter`` is the baseline the routing benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from pd_serve import metrics as m
+from pd_serve.protocol import RoutingHint
+from scheduler import KVEventSubscriber, NoEligibleWorker, RequestContext, load_profiles, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def _hint(pending: PendingRequest | None) -> RoutingHint | None:
+    if pending is None:
+        return None
+    for a in pending.args:
+        if isinstance(a, RoutingHint):
+            return a
+    return None
+
+
+def _plugin_timer(tier: str, plugin: str, seconds: float) -> None:
+    m.SCHEDULER_PLUGIN_SECONDS.labels(tier, plugin).observe(seconds)
+
+
+class PrefixAwareRouter(FIFOMixin, RequestRouter):
+    """Ranks a tier's replicas by cached prefix, KV headroom and queue (see docs/scheduler.md)."""
+
+    def initialize_state(self, tier: str = "decode", block_size: int = 16,
+                         profiles: dict[str, Any] | None = None, **_: Any) -> None:
+        profile = load_profiles(profiles)[tier] if profiles else None
+        self.tier = tier
+        self.block_size = block_size
+        self.sched = make_scheduler(tier, block_size, profile=profile, metrics_hook=_plugin_timer)
+        self._subs: dict[str, KVEventSubscriber] = {}
+        self._pending: dict[str, tuple[RequestContext, Any]] = {}  # chosen, not yet routed
+        self._inflight: dict[str, str] = {}  # routed, not yet completed -> worker
+
+    # -- membership and stats -------------------------------------------------------------
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        ids = {r.replica_id.unique_id for r in replicas}
+        self.sched.registry.sync(ids)
+        for rid in set(self._subs) - ids:
+            self._subs.pop(rid).stop()
+
+    def _refresh(self, replicas: list[RunningReplica]) -> None:
+        for r in replicas:
+            stats = r.routing_stats or {}
+            rid = r.replica_id.unique_id
+            if rid not in self.sched.registry:
+                self.sched.registry.add(rid)
+            if stats:
+                self.sched.registry.update(
+                    rid, kv_usage=stats.get("kv_usage"), num_running=stats.get("num_running"),
+                    num_waiting=stats.get("num_waiting"), capacity_blocks=stats.get("capacity_blocks"))
+            endpoint = stats.get("kv_events_endpoint")
+            if endpoint and rid not in self._subs:
+                sub = KVEventSubscriber(self.sched.index, endpoint, rid, topic=stats.get("kv_events_topic", ""))
+                sub.start()
+                self._subs[rid] = sub
+
+    # -- routing ----------------------------------------------------------------------------
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        self._refresh(candidate_replicas)
+        hint = _hint(pending_request)
+        if hint is None or not candidate_replicas:
+            return [candidate_replicas]
+        t0 = time.perf_counter()
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ctx = RequestContext.from_tokens(hint.request_id, hint.token_ids, self.block_size,
+                                         candidates=by_id.keys())
+        try:
+            d = self.sched.route(ctx, alternates=len(by_id) - 1)
+        except NoEligibleWorker:
+            m.ROUTING_DECISIONS.labels(self.tier, "no_eligible").inc()
+            return [candidate_replicas]  # all saturated: let Serve's queueing and backoff decide
+        m.SCHEDULING_SECONDS.labels(self.tier).observe(time.perf_counter() - t0)
+        if pending_request is not None:  # Serve may ask again for the same request: count once, when routed
+            self._pending[pending_request.metadata.internal_request_id] = (ctx, d)
+        ranked = [[by_id[d.worker]]] + [[by_id[w]] for w in d.alternates if w in by_id]
+        rest = [r for rid, r in by_id.items() if rid != d.worker and rid not in d.alternates]
+        return ranked + ([rest] if rest else [])
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        rid = pending_request.metadata.internal_request_id
+        routed = self._pending.pop(rid, None)
+        if routed is None:
+            return
+        ctx, d = routed
+        worker = replica_id.unique_id
+        self.sched.on_routed(ctx, worker)
+        self._inflight[rid] = worker
+        first_choice = worker == d.worker
+        m.ROUTING_DECISIONS.labels(self.tier, str(d.reason) if first_choice else "fallback").inc()
+        m.PREFIX_HIT_TOKENS.labels(self.tier).inc(min(d.matched_tokens, ctx.prompt_tokens) if first_choice else 0)
+        m.PROMPT_TOKENS_ROUTED.labels(self.tier).inc(ctx.prompt_tokens)
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        self._pending.pop(internal_request_id, None)
+        worker = self._inflight.pop(internal_request_id, None)
+        if worker is not None:
+            self.sched.on_completed(worker)
+
+
+class RoundRobinRouter(FIFOMixin, RequestRouter):
+    """Baseline: replicas in turn, ignoring prefixes and load (benchmarks only)."""
+
+    def initialize_state(self, **_: Any) -> None:
+        self._counter = itertools.count()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        i = next(self._counter) % len(ordered)
+        return [[ordered[i]]] + [[r] for r in ordered[i + 1:] + ordered[:i]]
