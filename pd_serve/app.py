@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
-from kv_transfer import get_backend
+from kv_transfer import EngineLayout, check_compatible, get_backend
 from pd_serve.config import AppConfig, TierConfig
 from pd_serve.control import Control
 from pd_serve.ingress import Ingress
@@ -49,10 +51,20 @@ def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
         }
     if t.autoscaling is not None:
         a = t.autoscaling
+        if tier == "decode":
+            policy = {"policy_function": "pd_serve.autoscaling:DecodeKVUsagePolicy",
+                      "policy_kwargs": {"target_kv_usage": a.target or 0.75, "min_replicas": a.min_replicas,
+                                        "max_replicas": a.max_replicas}}
+        else:
+            policy = {"policy_function": "pd_serve.autoscaling:PrefillQueuePolicy",
+                      "policy_kwargs": {"target_queued_tokens": a.target or 16384, "min_replicas": a.min_replicas,
+                                        "max_replicas": a.max_replicas}}
         opts["autoscaling_config"] = {
             "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
             "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
-            "metrics_interval_s": 1, "look_back_period_s": 5,
+            "metrics_interval_s": 1, "look_back_period_s": 3,
+            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+            "policy": policy,
         }
     else:
         opts["num_replicas"] = t.fixed_replicas(1)
@@ -72,10 +84,31 @@ def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
     return opts
 
 
+def tier_layout(cfg: AppConfig, tier: str) -> EngineLayout:
+    """The KV layout one tier's engines will have, for the up-front compatibility check.
+    Head counts come from the model's config.json when the model is a local directory."""
+    args = cfg.tier_engine_args(tier)
+    hf: dict[str, Any] = {}
+    path = Path(resolve_model(cfg.model)) / "config.json"
+    if path.is_file():
+        hf = json.loads(path.read_text())
+        hf = hf.get("text_config", hf)
+    heads = hf.get("num_attention_heads")
+    return EngineLayout(
+        model=cfg.model, dtype=str(args.get("dtype", "auto")), block_size=cfg.block_size,
+        kv_cache_dtype=str(args.get("kv_cache_dtype", "auto")),
+        num_kv_heads=hf.get("num_key_value_heads", heads),
+        head_dim=hf.get("head_dim") or (hf["hidden_size"] // heads if heads and "hidden_size" in hf else None),
+        num_layers=hf.get("num_hidden_layers"),
+        tensor_parallel_size=getattr(cfg, tier).tensor_parallel_size)
+
+
 def build_app_from_config(cfg: AppConfig) -> Application:
+    resolve_model(cfg.model)  # fail now, with the command to run, if the tiny model is missing
     if cfg.kv_transfer.backend is not None:
         get_backend(cfg.kv_transfer.backend).check_available()
-    resolve_model(cfg.model)  # fail now, with the command to run, if the tiny model is missing
+        # refuse tiers that could not exchange KV before any engine starts
+        check_compatible(tier_layout(cfg, "prefill"), tier_layout(cfg, "decode"))
     raw = cfg.model_dump(mode="json")
     control = serve.deployment(Control, name="Control", num_replicas=1,
                                ray_actor_options={"num_cpus": 0.05},

@@ -32,6 +32,11 @@ class AutoscalingBounds(_Strict):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas. Prefill may be 0: decode then prefills locally.")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at start; defaults to min_replicas.")
+    target: float | None = Field(
+        None, gt=0, description="Per-replica target of the tier's own signal: mean KV-cache usage (0-1] for "
+        "decode (default 0.75), prompt tokens queued or in prefill for prefill (default 16384).")
+    upscale_delay_s: float = Field(5.0, ge=0, description="How long a higher recommendation must hold before adding replicas.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="How long a lower recommendation must hold before removing replicas.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingBounds":
@@ -96,7 +101,8 @@ class KVTransferSection(_Strict):
     prefill_timeout_s: float = Field(
         60.0, gt=0, description="Longest decode waits for a remote prefill before the failure policy applies.")
     failure_policy: Literal["local_prefill", "fail"] = Field(
-        "local_prefill", description="When remote prefill fails: prefill on the decode engine instead, or return an error.")
+        "local_prefill", description="When remote prefill or the KV pull fails: prefill (or recompute the missing "
+        "blocks) on the decode engine, or return an error. Failures are counted either way.")
 
     @model_validator(mode="after")
     def _known_backend(self) -> "KVTransferSection":

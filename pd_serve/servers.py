@@ -31,6 +31,7 @@ from prometheus_client import start_http_server
 from kv_transfer import KVTransferParams, prefill_request_params
 from kv_transfer.ports import claim_port
 from pd_serve import metrics as m
+from pd_serve.autoscaling import KV_USAGE, QUEUED_PREFILL_TOKENS
 from pd_serve.config import AppConfig
 from pd_serve.control import HEARTBEAT_S
 from pd_serve.engine import EngineHost, drain_batches
@@ -124,7 +125,12 @@ class PrefillServer(_EngineReplica):
     tier = "prefill"
 
     async def __init__(self, cfg: dict[str, Any], control: Any) -> None:
+        self._queued_tokens = 0  # prompt tokens of requests queued or in prefill here
         await self._init(cfg, control)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The prefill tier scales on queued prefill work (``pd_serve.autoscaling``)."""
+        return {QUEUED_PREFILL_TOKENS: float(self._queued_tokens)}
 
     async def prefill(self, kind: RequestKind, request: Any, hint: RoutingHint | None = None) -> PrefillResult:
         """Run ``request`` (already shaped for prefill) and return its kv_transfer_params.
@@ -133,7 +139,12 @@ class PrefillServer(_EngineReplica):
         (bad input) come back as a status and an OpenAI error body, not as exceptions.
         """
         t0 = time.perf_counter()
-        resp = await self.host.create(kind, request)
+        tokens = len(hint.token_ids) if hint is not None else 0
+        self._queued_tokens += tokens
+        try:
+            resp = await self.host.create(kind, request)
+        finally:
+            self._queued_tokens -= tokens
         if hasattr(resp, "error"):
             status, body = _error_json(resp)
             return PrefillResult(status=status, error_body=body, replica_id=self.replica_id)
@@ -161,6 +172,10 @@ class DecodeServer(_EngineReplica):
             self._own_events = KVEventSubscriber(self._own_index, self.host.kv_events_endpoint,
                                                  self.replica_id, topic=KV_EVENTS_TOPIC)
             self._own_events.start()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The decode tier scales on KV-cache usage (``pd_serve.autoscaling``)."""
+        return {KV_USAGE: float(self.host.stats()["kv_usage"])}
 
     async def _on_beat(self) -> None:
         if self._prefill is not None:
@@ -243,7 +258,9 @@ class DecodeServer(_EngineReplica):
         """Serve one OpenAI request. Yields one ``JSONReply`` (a full answer or an error), or
         the SSE stream as strings, each holding every chunk that was ready."""
         api = "chat" if kind == "chat" else "completions"
-        where, reason = self._decide(hint)
+        # A trusted caller may hand over KV prefilled elsewhere (the ingress refuses these from
+        # clients); then decode only pulls.
+        where, reason = ("external", "preset") if request.kv_transfer_params else self._decide(hint)
         if where == "remote":
             res, reason = await self._remote_prefill(kind, request, hint)
             if res is None:

@@ -71,3 +71,21 @@ def test_prefill_at_zero_replicas_leaves_it_out() -> None:
     args["model"] = "/some/hf/dir"
     g = _graph(build_app(args))
     assert "PrefillServer" not in g and g["DecodeServer"].init_args[2] is None
+
+
+def test_tp_that_nixl_cannot_map_is_refused_at_build(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from kv_transfer import IncompatibleTiersError
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_attention_heads": 8, "num_key_value_heads": 8, '
+                                       '"hidden_size": 512, "num_hidden_layers": 2}')
+    args = config_args("llama70b.yaml")
+    args["model"] = str(model)
+    args["prefill"]["tensor_parallel_size"] = 3
+    with pytest.raises(IncompatibleTiersError, match="tensor_parallel_size prefill=3, decode=8"):
+        build_app(args)
+    args["prefill"]["tensor_parallel_size"] = 4  # 8 is a multiple of 4, 8 KV heads split evenly
+    assert "PrefillServer" in _graph(build_app(args))
