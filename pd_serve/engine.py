@@ -88,6 +88,11 @@ def plan_engine(cfg: AppConfig, tier: Tier, *, replica_tag: str, host: str,
             side_channel_port=side_channel_port or 0)
         role = "producer" if tier == "prefill" else "consumer"
         kwargs["kv_transfer_config"] = backend.engine_config(role, ident)
+        if tier == "decode":
+            # A pull that fails (prefill died, network) either recomputes the missing blocks on
+            # decode, counted in vllm:nixl_num_failed_transfers, or fails the request with an error.
+            kwargs["kv_transfer_config"]["kv_load_failure_policy"] = (
+                "recompute" if kt.failure_policy == "local_prefill" else "fail")
         env.update(backend.engine_env(ident))
     return EnginePlan(kwargs, env, ident)
 
@@ -183,14 +188,14 @@ class EngineHost:
     async def create(self, kind: str, request: Any) -> Any:
         """Run vLLM's OpenAI handler for ``kind``. Returns a response, an SSE generator, or an
         ``ErrorResponse``: client errors vLLM raises (validation) are turned into the latter."""
-        from vllm.exceptions import VLLMClientError
+        from vllm.exceptions import VLLMError
 
         serving = self.serving_for(kind)
         try:
             if kind == "chat":
                 return await serving.create_chat_completion(request, raw_request=None)
             return await serving.create_completion(request, raw_request=None)
-        except (ValueError, VLLMClientError) as e:
+        except (ValueError, VLLMError) as e:  # bad input (4xx) or a failed generation (5xx)
             return serving.create_error_response(e)
 
     async def check_health(self) -> None:

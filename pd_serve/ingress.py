@@ -89,6 +89,9 @@ class Ingress:
                 return _err(400, "request body is not valid JSON")
             msg, param = _validation_message(e)
             return _err(400, msg, param)
+        if getattr(req, "kv_transfer_params", None) is not None:
+            # would make decode pull KV from wherever the client says
+            return _err(400, "kv_transfer_params is set by pd_serve, not by clients", "kv_transfer_params")
         if req.model not in self.models:
             return _err(404, f"The model `{req.model}` does not exist.", "model", "NotFoundError")
         for field in ("max_tokens", "max_completion_tokens"):

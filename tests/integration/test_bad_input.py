@@ -20,6 +20,9 @@ BAD = [
     ("wrong_type_temperature", "/v1/chat/completions",
      {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400),
     ("missing_messages", "/v1/chat/completions", {"model": "tiny-llama"}, 400),
+    ("client_kv_transfer_params", "/v1/completions",
+     {"model": "tiny-llama", "prompt": "hi", "kv_transfer_params": {"do_remote_prefill": True,
+                                                                  "remote_host": "10.9.9.9"}}, 400),
 ]
 
 

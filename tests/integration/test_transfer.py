@@ -1,0 +1,87 @@
+"""The transfer lifecycle on real engines: leases, and pulls from a prefill that died."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from transformers import AutoTokenizer
+
+from tests.integration import cases
+from tests.integration.conftest import wait_idle
+from tests.support.metrics import Scrape
+
+CASE = next(c for c in cases.ALL if c.name == "blocks")
+
+
+def _handles():
+    from ray import serve
+
+    return (serve.get_deployment_handle("PrefillServer", app_name="pd_serve"),
+            serve.get_deployment_handle("DecodeServer", app_name="pd_serve"),
+            serve.get_deployment_handle("Control", app_name="pd_serve"))
+
+
+def _prefill_only(model_path: str, request_id: str):
+    """Run prefill the way decode would, and never pull: returns its PrefillResult."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from kv_transfer import prefill_request_params
+    from pd_serve.protocol import RoutingHint
+
+    ids = AutoTokenizer.from_pretrained(model_path)(CASE.body["prompt"]).input_ids
+    body = {**CASE.body, "prompt": ids, "max_tokens": 1, "request_id": request_id,
+            "kv_transfer_params": prefill_request_params()}
+    prefill, _, _ = _handles()
+    res = prefill.prefill.remote("completion", CompletionRequest(**body), RoutingHint(request_id, ids)).result()
+    assert res.status == 200 and res.kv_transfer_params["remote_block_ids"]
+    return ids, res
+
+
+def test_prefill_frees_unpulled_blocks_when_the_lease_expires(pd_url: str, model_path: str) -> None:
+    before = wait_idle(pd_url)
+    _, res = _prefill_only(model_path, "never-pulled-1")
+    held = Scrape.get(pd_url).values("vllm:kv_cache_usage_perc", tier="prefill")
+    assert held and held[0] > 0, "prefill should hold the blocks for decode"
+    t0 = time.monotonic()
+    after = wait_idle(pd_url, timeout=30 + 20)  # lease_s: 30 in configs/tiny-cpu.yaml
+    freed_after = time.monotonic() - t0
+    assert (after.sum("vllm:nixl_num_kv_expired_reqs", tier="prefill")
+            - before.sum("vllm:nixl_num_kv_expired_reqs", tier="prefill")) == 1
+    assert freed_after > 10, "blocks were freed long before the lease: something else released them"
+
+
+@pytest.mark.disruptive
+def test_pull_from_a_dead_prefill_recomputes_on_decode_with_identical_tokens(
+        pd_url: str, model_path: str, reference) -> None:
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from pd_serve.protocol import JSONReply
+
+    wait_idle(pd_url)
+    ids, res = _prefill_only(model_path, "orphaned-1")
+    _, decode, control = _handles()
+    (victim,) = control.replicas.remote("prefill").result()
+    os.kill(victim.pid, signal.SIGKILL)  # prefill dies between its answer and decode's pull
+    psutil.Process  # noqa: B018 - keep psutil imported for the leak check below
+    before = Scrape.get(pd_url)
+    req = CompletionRequest(**{**CASE.body, "prompt": ids, "request_id": "orphaned-1",
+                               "kv_transfer_params": res.kv_transfer_params})
+    out = [x for x in decode.options(stream=True).generate.remote("completion", req, None)]
+    assert len(out) == 1 and isinstance(out[0], JSONReply) and out[0].status == 200, out
+    import json
+
+    body = json.loads(out[0].body)
+    assert body["choices"][0]["token_ids"] == reference[CASE.name].token_ids
+    after = wait_idle(pd_url, engines=1, timeout=60)
+    # not silent: decode computed the prompt itself and counted the failed pull
+    assert (after.sum("vllm:prompt_tokens_by_source_total", tier="decode", source="local_compute")
+            - before.sum("vllm:prompt_tokens_by_source_total", tier="decode", source="local_compute")) >= len(ids) - 32
+    assert (after.sum("vllm:prompt_tokens_by_source_total", tier="decode", source="external_kv_transfer")
+            - before.sum("vllm:prompt_tokens_by_source_total", tier="decode", source="external_kv_transfer")) == 0
+    failed = (after.sum("vllm:nixl_num_failed_transfers", tier="decode")
+              - before.sum("vllm:nixl_num_failed_transfers", tier="decode"))
+    print("failed transfers counted by decode:", failed)
