@@ -36,6 +36,8 @@ def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 5,
+        # internal hops: one access-log line per request per tier is noise (the ingress logs it)
+        "logging_config": {"enable_access_log": False},
         "ray_actor_options": {
             "num_cpus": t.num_cpus,
             "runtime_env": {"env_vars": {**_PD_ENV, **t.env}},

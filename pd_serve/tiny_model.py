@@ -4,7 +4,7 @@ A random-weight Llama (hidden 256, 2 layers, 4 heads, 2 KV heads, vocab 1024, fp
 byte-level BPE tokenizer trained locally on generated text, BOS/EOS/eot specials and a
 Llama-3-style chat template. No hub access: everything is generated from a seed.
 
-    python -m pd_serve.tiny_model [--out DIR] [--seed N] [--force]
+    python -m pd_serve.tiny_model [--preset llama|llama-large] [--out DIR] [--seed N] [--force]
 
 The result is a normal Hugging Face model directory: vLLM loads it like any other model.
 The quick start, the tests and the benchmarks all use it; a user points ``model`` at any
@@ -21,6 +21,14 @@ import random
 from pathlib import Path
 
 TINY_URI = "tiny://llama"
+# name -> LlamaConfig sizes. "llama" is the test/quick-start model; "llama-large" makes prefill
+# cost real time on a CPU (~18M params), so that benchmarks can see what a prefix hit saves.
+PRESETS = {
+    "llama": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "llama-large": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                        num_attention_heads=8, num_key_value_heads=2),
+}
 DEFAULT_SEED = 1234
 VOCAB_SIZE = 1024
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
@@ -39,24 +47,28 @@ _WORDS = ("the a an of to in on for with and or but not is are was were be been 
           "data time fast slow small large first last next each every some many few one two three").split()
 
 
-def default_dir() -> Path:
+def default_dir(preset: str = "llama") -> Path:
     root = os.environ.get("PD_SERVE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pd_serve")
-    return Path(root) / "tiny-llama"
+    return Path(root) / f"tiny-{preset}"
 
 
 def resolve_model(model: str) -> str:
-    """Map ``tiny://llama`` to the built directory's absolute path; pass anything else through.
+    """Map ``tiny://<preset>`` to the built directory's absolute path; pass anything else through.
 
-    Raises FileNotFoundError with the command to run when the tiny model is not built.
+    Raises FileNotFoundError with the command to run when that model is not built.
     Both tiers must receive the *same* string: NIXL's handshake hashes the model path.
     """
-    if model != TINY_URI:
+    if not model.startswith("tiny://"):
         return model
-    path = default_dir()
+    preset = model.removeprefix("tiny://")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny model {model!r}; choose one of {['tiny://' + p for p in PRESETS]}")
+    path = default_dir(preset)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"tiny model not built at {path}: run `make model` (python -m pd_serve.tiny_model)")
+            f"tiny model not built at {path}: run `python -m pd_serve.tiny_model --preset {preset}`"
+            + (" (or `make model`)" if preset == "llama" else ""))
     return str(path.resolve())
 
 
@@ -72,7 +84,7 @@ def _corpus(seed: int, n_lines: int = 4000) -> list[str]:
     return lines
 
 
-def build(out: Path, seed: int = DEFAULT_SEED, force: bool = False) -> Path:
+def build(out: Path, seed: int = DEFAULT_SEED, force: bool = False, preset: str = "llama") -> Path:
     out = Path(out)
     stamp = out / ".pd_serve_build.json"
     if stamp.exists() and not force and json.loads(stamp.read_text()).get("seed") == seed:
@@ -96,8 +108,7 @@ def build(out: Path, seed: int = DEFAULT_SEED, force: bool = False) -> Path:
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+        vocab_size=VOCAB_SIZE, **PRESETS[preset], head_dim=64, max_position_embeddings=2048,
         initializer_range=0.2, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=fast.bos_token_id, eos_token_id=[fast.eos_token_id, fast.convert_tokens_to_ids("<|eot_id|>")],
         pad_token_id=fast.pad_token_id, torch_dtype="float32")
@@ -111,11 +122,12 @@ def build(out: Path, seed: int = DEFAULT_SEED, force: bool = False) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=default_dir())
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="llama")
+    ap.add_argument("--out", type=Path, default=None, help="default: the cache folder of the preset")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
-    path = build(a.out, a.seed, a.force)
+    path = build(a.out or default_dir(a.preset), a.seed, a.force, a.preset)
     print(path)
 
 

@@ -58,6 +58,11 @@ ALL = [
 ]
 
 
+# Prompts only the fault tests send (so no engine has them cached when those tests run).
+ORPHAN = Case("orphan", "completions", _completion(text(110, 31), 16))
+EXTRA = [ORPHAN]
+
+
 def run(client: httpx.Client, case: Case) -> Output:
     """Send ``case`` and collect generated token ids (streams are reassembled)."""
     path = "/v1/completions" if case.api == "completions" else "/v1/chat/completions"

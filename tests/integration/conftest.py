@@ -88,7 +88,7 @@ def reference(model_path: str) -> dict[str, cases.Output]:
     LOG_DIR.mkdir(exist_ok=True)
     with bare_vllm_server(model_path, REF_PORT, core=0, log=LOG_DIR / "reference.log") as url:
         with httpx.Client(base_url=url, timeout=120) as client:
-            return {c.name: cases.run(client, c) for c in cases.ALL}
+            return {c.name: cases.run(client, c) for c in cases.ALL + cases.EXTRA}
 
 
 @pytest.fixture
