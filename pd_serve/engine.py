@@ -46,6 +46,7 @@ class EnginePlan:
 
 
 KV_EVENTS_TOPIC = "kv-events"
+_STATS_TTL_S = 0.25
 
 
 def plan_engine(cfg: AppConfig, tier: Tier, *, replica_tag: str, host: str,
@@ -120,6 +121,8 @@ class EngineHost:
         self.serving_chat: Any = None
         self.serving_models: Any = None
         self.vllm_config: Any = None
+        self._stats: dict[str, float] = {}
+        self._stats_at = float("-inf")
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -158,7 +161,11 @@ class EngineHost:
     def stats(self) -> dict[str, float]:
         """The engine's load as its own Prometheus gauges show it (this process's registry).
 
-        Called by the heartbeat and by Serve's routing-stats poll (about once a second)."""
+        Read by the heartbeat, Serve's routing-stats poll and the autoscaling report, each about
+        once a second: one registry walk serves them all for ``_STATS_TTL_S``."""
+        now = time.monotonic()
+        if now - self._stats_at < _STATS_TTL_S:
+            return self._stats
         from prometheus_client import REGISTRY
 
         want = {"vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_requests_running": "num_running",
@@ -172,6 +179,7 @@ class EngineHost:
         out["num_running"] = int(out["num_running"])
         out["num_waiting"] = int(out["num_waiting"])
         out["capacity_blocks"] = int(self.vllm_config.cache_config.num_gpu_blocks or 0)
+        self._stats, self._stats_at = out, now
         return out
 
     @property

@@ -22,6 +22,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
+from kv_transfer.metrics import derive
 from pd_serve import metrics as m
 from pd_serve.config import AppConfig
 from pd_serve.errors import error_body
@@ -215,7 +216,9 @@ class Ingress:
                 for s in fam.samples:
                     out.samples.append(type(s)(s.name, {**s.labels, "tier": r.tier, "replica": r.replica_id},
                                                s.value, s.timestamp, s.exemplar))
+        families = list(merged.values())
+        families += derive(families)  # pd_serve_kv_transfer_* from the connector's own metrics
         reg = CollectorRegistry(auto_describe=False)
-        reg.register(_Relabelled(list(merged.values())))
+        reg.register(_Relabelled(families))
         own = generate_latest()  # this process: ingress counters
         return Response(generate_latest(reg) + own, media_type="text/plain; version=0.0.4")

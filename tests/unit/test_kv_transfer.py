@@ -114,3 +114,33 @@ def test_port_claims_skip_ports_in_use(run_dir) -> None:
         p = claim_port("127.0.0.1", busy, span=4)
         assert p != busy and busy < p < busy + 4
         assert claim_port("127.0.0.1", busy, span=4) not in (busy, p)
+
+
+def test_transfer_metrics_are_derived_from_nixl_metrics() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kv_transfer.metrics import derive
+
+    # an engine's registry as vLLM's NIXL stats logger fills it
+    reg = CollectorRegistry()
+    nbytes = Histogram("vllm:nixl_bytes_transferred", "b", ["engine"], registry=reg)
+    xfer = Histogram("vllm:nixl_xfer_time_seconds", "t", ["engine"], buckets=(0.01, 1), registry=reg)
+    failed = Counter("vllm:nixl_num_failed_transfers", "f", ["engine"], registry=reg)
+    expired = Counter("vllm:nixl_num_kv_expired_reqs", "e", ["engine"], registry=reg)
+    Gauge("vllm:num_requests_running", "r", ["engine"], registry=reg).labels("0").set(0)
+    for v in (16384, 16384, 16384):
+        nbytes.labels("0").observe(v)
+    for v in (0.004, 0.006, 2.49):
+        xfer.labels("0").observe(v)
+    failed.labels("0").inc()
+    expired.labels("0").inc(2)
+
+    families = text_string_to_metric_families(generate_latest(reg).decode())
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in derive(families) for s in fam.samples}
+    assert got[("pd_serve_kv_transfer_bytes_total", (("engine", "0"),))] == 49152.0
+    assert got[("pd_serve_kv_transfer_duration_seconds_count", (("engine", "0"),))] == 3.0
+    assert got[("pd_serve_kv_transfer_duration_seconds_bucket", (("engine", "0"), ("le", "0.01")))] == 2.0
+    assert got[("pd_serve_kv_transfer_failures_total", (("engine", "0"), ("reason", "transfer")))] == 1.0
+    assert got[("pd_serve_kv_leases_expired_total", (("engine", "0"),))] == 2.0
+    assert not any(name.startswith("vllm:") for name, _ in got)
