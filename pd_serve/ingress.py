@@ -111,7 +111,8 @@ class Ingress:
         try:
             if kind == "completion":
                 if isinstance(req.prompt, str):
-                    req.prompt = self.tokenizer(req.prompt).input_ids
+                    req.prompt = self.tokenizer(
+                        req.prompt, add_special_tokens=getattr(req, "add_special_tokens", True)).input_ids
                 if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
                     return RoutingHint(req.request_id, list(req.prompt))
                 return None
