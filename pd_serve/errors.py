@@ -1,50 +1,26 @@
-"""pd_serve's error tree, and the one place errors become OpenAI-shaped JSON.
+"""The one function that builds OpenAI-shaped error bodies outside vLLM.
 
-    PDServeError                      base; carries an HTTP status and an OpenAI error type
-    ├── InvalidRequest (400)          bad JSON, wrong types, bad values
-    ├── Unauthorized (401)            missing or wrong API key
-    ├── ModelNotFound (404)           `model` is not the served model
-    ├── PrefillFailed (502)           remote prefill failed and the policy is `fail`
-    └── EngineUnavailable (503)       no healthy engine can take the request
+Errors reach clients from two places, both in OpenAI's shape
+(``{"error": {"message", "type", "param", "code"}}``):
 
-Third-party exceptions (pydantic, Ray, vLLM) are mapped at the boundary that sees them;
-``error_body`` is the only function that builds the response body.
+- vLLM's own serving classes (``ErrorResponse``) for what the engine validates: context length,
+  sampling parameters, failed generations. The engine replicas pass those bodies through as they are.
+- ``error_body`` for what pd_serve decides itself:
+  - 400: invalid JSON, wrong types, `max_tokens` < 1, client-set `kv_transfer_params`;
+  - 401: a missing or wrong API key;
+  - 404: an unknown model;
+  - 502: remote prefill failed under `failure_policy: fail`;
+  - 503: no decode replica could take the request;
+  - 500: an unexpected internal error, named by its exception type.
+
+Third-party exceptions (pydantic, Ray) are mapped where they are caught, in the ingress and
+decode, and never reach clients raw.
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
 from typing import Any
-
-
-class PDServeError(Exception):
-    status: int = 500
-    type: str = "InternalServerError"
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-class InvalidRequest(PDServeError):
-    status, type = 400, "BadRequestError"
-
-
-class Unauthorized(PDServeError):
-    status, type = 401, "AuthenticationError"
-
-
-class ModelNotFound(PDServeError):
-    status, type = 404, "NotFoundError"
-
-
-class PrefillFailed(PDServeError):
-    status, type = 502, "PrefillFailedError"
-
-
-class EngineUnavailable(PDServeError):
-    status, type = 503, "ServiceUnavailableError"
 
 
 def error_body(message: str, status: int, err_type: str | None = None,
@@ -56,7 +32,3 @@ def error_body(message: str, status: int, err_type: str | None = None,
         except ValueError:
             err_type = "Error"
     return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
-
-
-def from_exception(exc: PDServeError) -> tuple[int, dict[str, Any]]:
-    return exc.status, error_body(exc.message, exc.status, exc.type, exc.param)
