@@ -83,3 +83,30 @@ def test_pull_from_a_dead_prefill_recomputes_on_decode_with_identical_tokens(
     nixl = {n: after.sum(n, tier="decode") - before.sum(n, tier="decode")
             for n in {name for name, _, _ in after.samples if name.startswith("vllm:nixl_num_")}}
     assert nixl.get("vllm:nixl_num_failed_transfers_total", 0) >= 1, f"the failed pull was not counted: {nixl}"
+
+
+@pytest.mark.own_app("fail-policy")
+def test_failed_pull_under_fail_policy_is_a_clear_error_not_a_silent_recompute(apps, model_path: str) -> None:
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from pd_serve.protocol import JSONReply
+    from tests.support.servers import load_app_args
+
+    url = apps.get("fail-policy", load_app_args(kv_transfer={"failure_policy": "fail"}))
+    wait_idle(url)
+    ids, res = _prefill_only(model_path, "orphaned-2")
+    _, decode, control = _handles()
+    (victim,) = control.replicas.remote("prefill").result()
+    os.kill(victim.pid, signal.SIGKILL)
+    before = Scrape.get(url)
+    req = CompletionRequest(**{**CASE.body, "prompt": ids, "request_id": "orphaned-2",
+                               "kv_transfer_params": res.kv_transfer_params})
+    out = [x for x in decode.options(stream=True).generate.remote("completion", req, None)]
+    assert len(out) == 1 and isinstance(out[0], JSONReply), out
+    import json
+
+    err = json.loads(out[0].body)["error"]
+    assert out[0].status >= 500 and err["code"] == out[0].status and err["message"], err
+    after = wait_idle(url, engines=1, timeout=60)
+    assert (after.sum("vllm:prompt_tokens_by_source_total", tier="decode", source="local_compute")
+            - before.sum("vllm:prompt_tokens_by_source_total", tier="decode", source="local_compute")) == 0
