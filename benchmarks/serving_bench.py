@@ -4,9 +4,10 @@
     python -m benchmarks.serving_bench --quick --servers bare,pd_serve
 
 Starts each server in turn on the same model, engine args and cores, warms it up (so pd_serve's
-and the peer's first NIXL handshake is not measured), records its idle CPU, probes unloaded
-latency with sequential requests, drives each load with vLLM's own ``vllm bench serve`` (through
-``benchmarks/vllm_bench.py``), stops it and checks that nothing is left running. Servers:
+and the peer's first NIXL handshake is not measured), records its idle CPU, drives each load
+(sequential, Poisson random, Poisson shared-prefix) with vLLM's own ``vllm bench serve`` (through
+``benchmarks/vllm_bench.py``), reads engine-side latencies from ``/metrics`` where the server
+has them, stops it and checks that nothing is left running. Servers:
 
 - ``bare``           one aggregated vLLM OpenAI server (no P/D), pinned to core 1;
 - ``pd_serve``       ``serve run configs/tiny-cpu.yaml``: prefill on core 0, decode on core 1, NIXL;
@@ -62,10 +63,10 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAG
 # Engine flags shared by every server (pd_serve's configs/tiny-cpu.yaml engine_args say the same).
 ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
                 "--enable-prefix-caching", "--block-size", "32"]
-# Processes of a server (any of the three kinds) that must be gone once it is stopped.
-# The client (load generator, warm-up, probes) runs in its own session whose scheduler autogroup
-# gets this nice value; servers keep the default 0. See client_session() for why.
+# The benchmark (warm-up, metric scrapes, load generators) runs in its own session whose
+# scheduler autogroup gets this nice value; servers keep the default 0. See boost_autogroup().
 CLIENT_AUTOGROUP_NICE = -10
+# Processes of a server (any of the three kinds) that must be gone once it is stopped.
 LEFTOVER_MARKERS = ("VLLM", "vllm.entrypoints", "EngineCore", "raylet", "gcs_server", "ray::",
                     "benchmarks.peer_config")
 
@@ -99,9 +100,15 @@ DEFAULT_SERVERS = "bare,pd_serve,peer,pd_serve_nofix"
 
 
 def load_specs(num_prompts: int, rate: float) -> dict[str, dict[str, Any]]:
-    """``vllm bench serve`` dataset arguments per load; both loads are 256 tokens in, 32 out."""
+    """``vllm bench serve`` dataset arguments per load; every load is 256 tokens in, 32 out."""
     common = ["--num-prompts", str(num_prompts), "--request-rate", str(rate)]
     return {
+        "sequential": {
+            "description": "unloaded: random 256 in / 32 out, 10 prompts one at a time "
+                           "(--max-concurrency 1): the fixed cost of each server's path",
+            "args": ["--dataset-name", "random", "--random-input-len", "256",
+                     "--random-output-len", "32", "--num-prompts", "10", "--max-concurrency", "1"],
+        },
         "random": {
             "description": f"random 256 in / 32 out, {num_prompts} prompts at {rate:g} req/s",
             "args": ["--dataset-name", "random", "--random-input-len", "256",
@@ -115,6 +122,9 @@ def load_specs(num_prompts: int, rate: float) -> dict[str, dict[str, Any]]:
                      "--prefix-repetition-output-len", "32", *common],
         },
     }
+
+
+DEFAULT_LOADS = "sequential,random,prefix"
 
 
 BENCH_COMMON = ["--backend", "vllm", "--endpoint", "/v1/completions", "--temperature", "0",
@@ -230,7 +240,7 @@ def signals_deferred() -> Iterator[None]:
 
 
 def boost_autogroup(pid: int) -> bool:
-    """Give the scheduler autogroup of ``pid``'s session the client's priority.
+    """Give the scheduler autogroup of ``pid``'s session the client's priority (needs root).
 
     Linux groups CPU time by session (``kernel.sched_autogroup_enabled``) and a process's nice
     value only counts inside its own session. Idle P/D engines without pd_serve's workaround
@@ -239,30 +249,13 @@ def boost_autogroup(pid: int) -> bool:
     took over 10 minutes to start. With its session at nice -10 it got 83 %. The client is the
     same for every server, and on a real deployment it runs elsewhere, so boosting it keeps the
     comparison fair; what the spinning costs the engines themselves is still measured.
+    ``main()`` therefore re-runs the benchmark in a session of its own and boosts that.
     """
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(CLIENT_AUTOGROUP_NICE))
         return True
     except OSError:
         return False
-
-
-def run_client(cmd: list[str], log: Any, timeout: float) -> tuple[int, bool]:
-    """Run a client command in its own, boosted session; returns (exit code, boosted)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    boosted = boost_autogroup(proc.pid)
-    try:
-        return proc.wait(timeout), boosted
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        raise
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise
 
 
 @dataclass
@@ -484,56 +477,100 @@ def idle_cpu(r: Running, seconds: float) -> dict[str, Any]:
     }
 
 
-def probe(url: str, n: int = 8) -> dict[str, Any]:
-    """Unloaded latency: n sequential streamed requests (~256-token prompt, 32 tokens out)."""
-    rng = random.Random(777)
-    ttft, tpot, e2e = [], [], []
-    with httpx.Client(timeout=120) as c:
-        for _ in range(n):
-            body = {"model": SERVED_NAME, "prompt": _prompt(rng, 230), "max_tokens": 32,
-                    "temperature": 0, "ignore_eos": True, "stream": True}
-            t0 = time.perf_counter()
-            first = None
-            chunks = 0
-            with c.stream("POST", url + "/v1/completions", json=body) as resp:
-                resp.raise_for_status()
-                for line in resp.iter_lines():
-                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                        continue
-                    data = json.loads(line[5:])
-                    if data.get("choices") and data["choices"][0].get("text"):
-                        chunks += 1
-                        if first is None:
-                            first = time.perf_counter()
-            end = time.perf_counter()
-            if first is None:
+SCRAPED_HISTOGRAMS = (
+    "vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
+    "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
+    "vllm:nixl_xfer_time_seconds", "pd_serve_remote_prefill_seconds", "pd_serve_scheduling_seconds",
+)
+
+
+def scrape(url: str) -> dict[str, float] | None:
+    """``_sum``/``_count`` of a few latency histograms from the server's ``/metrics``, by tier.
+
+    The bare vLLM server and pd_serve's ingress (which merges its replicas' metrics with a
+    ``tier`` label) expose them; the peer serves no ``/metrics`` on its HTTP port (None).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        resp = httpx.get(url + "/metrics", timeout=30)
+        if resp.status_code != 200:
+            return None
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(resp.text):
+            if fam.name not in SCRAPED_HISTOGRAMS:
                 continue
-            ttft.append((first - t0) * 1000)
-            e2e.append((end - t0) * 1000)
-            if chunks > 1:
-                tpot.append((end - first) * 1000 / (chunks - 1))
-    med = (lambda v: round(statistics.median(v), 2) if v else None)
-    return {"requests": n, "ttft_ms_p50": med(ttft), "tpot_ms_p50": med(tpot), "e2el_ms_p50": med(e2e)}
+            for smp in fam.samples:
+                if smp.name.endswith(("_sum", "_count")):
+                    key = f"{smp.name}|{smp.labels.get('tier', 'engine')}"
+                    out[key] = out.get(key, 0.0) + smp.value
+        return out
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
-def client_measure(url: str, what: str, log_path: Path, timeout: float = 300) -> dict[str, Any]:
-    """``warm_up`` or ``probe``, run as a boosted client process (``--client-probe URL``)."""
-    with tempfile.TemporaryDirectory(prefix="pd_serve_probe_") as tmp:
-        out_file = Path(tmp) / "probe.json"
-        cmd = [sys.executable, "-m", "benchmarks.serving_bench", "--client-probe", url,
-               "--client-what", what, "--client-out", str(out_file)]
-        with open(log_path, "a") as log:
-            log.write(f"\n===== client: {' '.join(cmd)}\n")
-            log.flush()
-            rc, boosted = run_client(cmd, log, timeout)
-        if rc != 0 or not out_file.exists():
-            raise RuntimeError(f"warm-up / probe failed (rc={rc}); see {log_path}")
-        res = json.loads(out_file.read_text())
-    res["client_boosted"] = boosted
-    return res
+def engine_side(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any] | None:
+    """Mean of each scraped histogram over one load: ``{name: {tier: {"n": .., "mean_ms": ..}}}``."""
+    if before is None or after is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, total in after.items():
+        if not key.split("|")[0].endswith("_count"):
+            continue
+        base, tier = key.rsplit("|", 1)
+        name = base[: -len("_count")]
+        n = total - before.get(key, 0.0)
+        if n <= 0:
+            continue
+        dsum = after.get(f"{name}_sum|{tier}", 0.0) - before.get(f"{name}_sum|{tier}", 0.0)
+        out.setdefault(name, {})[tier] = {"n": int(n), "mean_ms": round(1000 * dsum / n, 2)}
+    return out
 
 
-def run_load(url: str, model: str, load: dict[str, Any], log_path: Path, timeout: float) -> dict[str, Any]:
+class CpuAccount:
+    """CPU seconds used during a load by the server, the client (this process and the load
+    generator) and everything else on the machine. A large ``other`` share means the run was
+    disturbed by something outside it (the machine is shared)."""
+
+    def __init__(self, r: Running) -> None:
+        self.r = r
+        self.t0 = time.monotonic()
+        self.busy0 = self._busy()
+        self.client0 = self._client()
+        self.server0 = self._server()
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+    @staticmethod
+    def _client() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def _server(self) -> dict[int, float]:
+        out = {}
+        for p in self.r.snapshot():
+            with contextlib.suppress(psutil.Error):
+                c = p.cpu_times()
+                out[p.pid] = c.user + c.system
+        return out
+
+    def result(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        busy = self._busy() - self.busy0
+        client = self._client() - self.client0
+        server = sum(v - self.server0.get(pid, 0.0) for pid, v in self._server().items())
+        pct = (lambda x: round(100 * x / wall, 1))
+        return {"wall_s": round(wall, 1), "server_pct": pct(server), "client_pct": pct(client),
+                "other_pct": pct(max(0.0, busy - server - client)), "machine_busy_pct": pct(busy)}
+
+
+def run_load(url: str, model: str, load: dict[str, Any], log_path: Path, timeout: float,
+             running: Running | None = None) -> dict[str, Any]:
+    acct = CpuAccount(running) if running is not None else None
     with tempfile.TemporaryDirectory(prefix="pd_serve_bench_") as tmp:
         cmd = [sys.executable, "-m", "benchmarks.vllm_bench", "bench", "serve", "--base-url", url,
                "--model", SERVED_NAME, "--tokenizer", model, *BENCH_COMMON, *load["args"],
@@ -542,7 +579,14 @@ def run_load(url: str, model: str, load: dict[str, Any], log_path: Path, timeout
             log.write(f"\n===== load: {' '.join(cmd)}\n")
             log.flush()
             t0 = time.monotonic()
-            rc, boosted = run_client(cmd, log, timeout)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                rc = proc.wait(timeout)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
             wall = time.monotonic() - t0
         res_path = Path(tmp) / "result.json"
         if rc != 0 or not res_path.exists():
@@ -557,7 +601,8 @@ def run_load(url: str, model: str, load: dict[str, Any], log_path: Path, timeout
     errors = [e for e in raw.get("errors", []) if e]
     out["errors_sample"] = errors[:3]
     out["loadgen_wall_s"] = round(wall, 1)
-    out["client_boosted"] = boosted
+    if acct is not None:
+        out["cpu"] = acct.result()
     return out
 
 
@@ -634,41 +679,56 @@ def _f(v: Any, nd: int = 1) -> str:
 
 def table(report: dict[str, Any]) -> str:
     lines = []
-    hdr = (f"{'load':<7} {'server':<15} {'TTFT p50':>9} {'p90':>7} {'p99':>7} | {'TPOT mean':>9} "
+    hdr = (f"{'load':<10} {'server':<15} {'TTFT p50':>9} {'p90':>7} {'p99':>7} | {'TPOT mean':>9} "
            f"{'p50':>6} {'p90':>6} {'p99':>6} | {'ITL p50':>7} {'p90':>6} {'p99':>6} | "
-           f"{'req/s':>5} {'tok/s':>6} {'fail':>4}")
-    lines += ["latencies in ms", hdr, "-" * len(hdr)]
+           f"{'req/s':>5} {'tok/s':>6} {'fail':>4} {'other%':>6}")
+    lines += ["latencies in ms; other% = CPU used by processes outside this run during the load "
+              "(% of one core)", hdr, "-" * len(hdr)]
     for load in report["config"]["loads"]:
         for name, s in report["servers"].items():
             m = s.get("loads", {}).get(load)
             if not m:
-                lines.append(f"{load:<7} {name:<15} {s.get('status', '?')}: {s.get('error', '')[:90]}")
+                lines.append(f"{load:<10} {name:<15} {s.get('status', '?')}: {s.get('error', '')[:90]}")
                 continue
             lines.append(
-                f"{load:<7} {name:<15} {_f(m.get('p50_ttft_ms')):>9} {_f(m.get('p90_ttft_ms')):>7} "
+                f"{load:<10} {name:<15} {_f(m.get('p50_ttft_ms')):>9} {_f(m.get('p90_ttft_ms')):>7} "
                 f"{_f(m.get('p99_ttft_ms')):>7} | {_f(m.get('mean_tpot_ms'), 2):>9} "
                 f"{_f(m.get('p50_tpot_ms'), 2):>6} {_f(m.get('p90_tpot_ms'), 2):>6} "
                 f"{_f(m.get('p99_tpot_ms'), 2):>6} | {_f(m.get('p50_itl_ms'), 2):>7} "
                 f"{_f(m.get('p90_itl_ms'), 2):>6} {_f(m.get('p99_itl_ms'), 2):>6} | "
                 f"{_f(m.get('request_throughput'), 2):>5} {_f(m.get('output_throughput'), 0):>6} "
-                f"{m.get('failed', '-'):>4}")
+                f"{m.get('failed', '-'):>4} {_f((m.get('cpu') or {}).get('other_pct')):>6}")
     lines.append("")
     lines.append("ratios (pd_serve / other; < 1 means pd_serve is faster)")
     for load, per in report["ratios"].items():
         for pair, r in per.items():
-            lines.append(f"  {load:<7} {pair:<25} " + "  ".join(f"{k} {_f(v, 2)}" for k, v in r.items()))
+            lines.append(f"  {load:<10} {pair:<25} " + "  ".join(f"{k} {_f(v, 2)}" for k, v in r.items()))
     lines.append("")
     lines.append("targets (reported, not enforced)")
     for t in report["targets"]:
         met = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
-        lines.append(f"  {t['load']:<7} {t['target']:<34} ratio {_f(t['ratio'], 2):>6}  {met}")
+        lines.append(f"  {t['load']:<10} {t['target']:<34} ratio {_f(t['ratio'], 2):>6}  {met}")
     lines.append("")
-    lines.append("unloaded probe (sequential) and idle CPU (% of one core, whole server / engines)")
+    lines.append("start-up and idle CPU (% of one core over the idle window: whole server / engines)")
     for name, s in report["servers"].items():
-        p, c = s.get("probe") or {}, s.get("idle_cpu") or {}
-        lines.append(f"  {name:<15} start {_f(s.get('start_s'), 0):>4} s  probe TTFT p50 "
-                     f"{_f(p.get('ttft_ms_p50'))} ms, TPOT p50 {_f(p.get('tpot_ms_p50'), 2)} ms   "
-                     f"idle CPU {_f(c.get('total_pct'))}% / engines {_f(c.get('engines_pct'))}%")
+        c = s.get("idle_cpu") or {}
+        lines.append(f"  {name:<15} ready in {_f(s.get('start_s'), 0):>4} s   idle CPU "
+                     f"{_f(c.get('total_pct'))}% / engines {_f(c.get('engines_pct'))}%")
+    lines.append("")
+    lines.append("engine-side means from /metrics (ms; tier: mean over the load's requests)")
+    short = {"vllm:time_to_first_token_seconds": "ttft", "vllm:request_queue_time_seconds": "queue",
+             "vllm:request_prefill_time_seconds": "prefill", "vllm:request_decode_time_seconds": "decode",
+             "vllm:inter_token_latency_seconds": "itl", "vllm:e2e_request_latency_seconds": "e2e",
+             "vllm:nixl_xfer_time_seconds": "nixl_xfer", "pd_serve_remote_prefill_seconds": "remote_prefill",
+             "pd_serve_scheduling_seconds": "scheduling"}
+    for load in report["config"]["loads"]:
+        for name, s in report["servers"].items():
+            es = (s.get("loads", {}).get(load) or {}).get("engine_side")
+            if not es:
+                continue
+            parts = [f"{short.get(h, h)}[{t}] {v['mean_ms']:.1f}" for h, per in es.items()
+                     for t, v in sorted(per.items())]
+            lines.append(f"  {load:<10} {name:<15} " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -722,13 +782,35 @@ def ensure_bench_env(log: Any) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+def run_in_own_session(argv: list[str]) -> int:
+    """Re-run this benchmark as the leader of a new session and boost that session's autogroup.
+
+    Everything client-side (warm-up, scrapes, the load generators it starts) then shares the
+    boosted autogroup; servers get sessions of their own at the default priority. SIGINT and
+    SIGTERM are passed on, and the child stops its servers before it exits.
+    """
+    env = {**os.environ, "PD_SERVE_BENCH_SESSION": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serving_bench", *argv], cwd=ROOT,
+                            env=env, start_new_session=True)
+    boost_autogroup(proc.pid)  # before it starts anything; the child repeats it for itself
+
+    def forward(sig: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    return proc.wait()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--servers", default=DEFAULT_SERVERS,
                    help=f"comma list, run in this order; choose from {','.join(SERVERS)} "
                         f"(default {DEFAULT_SERVERS})")
-    p.add_argument("--loads", default="random,prefix", help="comma list of: random, prefix")
+    p.add_argument("--loads", default=DEFAULT_LOADS,
+                   help=f"comma list of: sequential, random, prefix (default {DEFAULT_LOADS})")
     p.add_argument("--quick", action="store_true", help="20 prompts per load instead of 50")
     p.add_argument("--num-prompts", type=int, default=None, help="prompts per load (default 50)")
     p.add_argument("--request-rate", type=float, default=5.0, help="Poisson arrival rate, req/s")
@@ -737,9 +819,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pd_serve serve config (its ingress must listen on 127.0.0.1:8000)")
     p.add_argument("--start-timeout", type=float, default=420)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--client-probe", metavar="URL", help=argparse.SUPPRESS)  # internal: client side
-    p.add_argument("--client-what", choices=("warm_up", "probe"), help=argparse.SUPPRESS)
-    p.add_argument("--client-out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.servers = [s.strip() for s in a.servers.split(",") if s.strip()]
     a.loads = [s.strip() for s in a.loads.split(",") if s.strip()]
@@ -753,11 +832,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if a.client_probe:  # internal: one warm-up + probe pass, in the boosted client session
-        res = ({"warm_up_s": round(warm_up(a.client_probe), 2)} if a.client_what == "warm_up"
-               else {"probe": probe(a.client_probe)})
-        a.client_out.write_text(json.dumps(res))
-        return 0
+    if os.environ.get("PD_SERVE_BENCH_SESSION") != "1":
+        return run_in_own_session(sys.argv[1:] if argv is None else argv)
+    a.boosted = boost_autogroup(os.getpid())
     specs = load_specs(a.num_prompts, a.request_rate)
     for l in a.loads:
         if l not in specs:
@@ -792,14 +869,13 @@ def main(argv: list[str] | None = None) -> int:
                         for s in a.servers},
             "num_prompts": a.num_prompts, "request_rate": a.request_rate, "quick": a.quick,
             "warm_up": "4 completions of ~200 words, 8 tokens out (2 streamed) before measuring",
-            "probe": "8 sequential streamed requests, ~230 words in, 32 tokens out, after warm-up",
             "idle_seconds": a.idle_seconds,
             "loadgen": "vllm bench serve (benchmarks/vllm_bench.py)",
         },
         "servers": {},
     }
     interrupted = False
-    report["config"]["client_autogroup_nice"] = CLIENT_AUTOGROUP_NICE
+    report["config"]["client_autogroup_nice"] = CLIENT_AUTOGROUP_NICE if a.boosted else None
     try:
         with machine_lock(log) as how:
             report["lock"] = how
@@ -823,21 +899,22 @@ def main(argv: list[str] | None = None) -> int:
                     running = start_server(spec, model, a.config, log_path, a.start_timeout)
                     entry["start_s"] = round(time.monotonic() - t0, 1)
                     bar.update(1); done_steps += 1
-                    bar.set_description(f"{name}: warm-up, idle CPU, probe")
-                    entry["warm_up_s"] = client_measure(running.url, "warm_up", log_path)["warm_up_s"]
+                    bar.set_description(f"{name}: warm-up, idle CPU")
+                    entry["warm_up_s"] = round(warm_up(running.url), 2)
                     time.sleep(2)
                     entry["idle_cpu"] = idle_cpu(running, a.idle_seconds)
-                    entry["probe"] = client_measure(running.url, "probe", log_path)["probe"]
-                    log(f"{name}: ready in {entry['start_s']} s; idle CPU {entry['idle_cpu']['total_pct']}% "
-                        f"(engines {entry['idle_cpu']['engines_pct']}%); probe {entry['probe']}")
+                    log(f"{name}: ready in {entry['start_s']} s, warm-up {entry['warm_up_s']} s; idle CPU "
+                        f"{entry['idle_cpu']['total_pct']}% (engines {entry['idle_cpu']['engines_pct']}%)")
                     bar.update(1); done_steps += 1
                     for lname, load in loads.items():
                         bar.set_description(f"{name}: load {lname}")
-                        m = run_load(running.url, model, load, log_path, timeout=600)
+                        before = scrape(running.url)
+                        m = run_load(running.url, model, load, log_path, timeout=600, running=running)
+                        m["engine_side"] = engine_side(before, scrape(running.url))
                         entry["loads"][lname] = m
                         log(f"{name} {lname}: TTFT p50 {_f(m.get('p50_ttft_ms'))} ms, TPOT mean "
                             f"{_f(m.get('mean_tpot_ms'), 2)} ms, ITL p50 {_f(m.get('p50_itl_ms'), 2)} ms, "
-                            f"failed {m.get('failed')}")
+                            f"failed {m.get('failed')}; CPU {m.get('cpu')}")
                         bar.update(1); done_steps += 1
                     entry["status"] = "ok"
                 except KeyboardInterrupt:
