@@ -8,6 +8,7 @@ were ready, and go out unchanged. Errors leave here in OpenAI's shape (``errors.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, AsyncIterator
 
@@ -28,6 +29,7 @@ from pd_serve.config import AppConfig
 from pd_serve.errors import error_body
 from pd_serve.protocol import JSONReply, RoutingHint
 from pd_serve.tiny_model import resolve_model
+from scheduler import block_keys
 
 logger = logging.getLogger(__name__)
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
@@ -101,6 +103,9 @@ class Ingress:
                 return _err(400, f"{field} must be at least 1, got {v}", field)
         return req
 
+    def _hint(self, request_id: str, ids: list[int]) -> RoutingHint:
+        return RoutingHint(request_id, ids, block_keys(ids, self.cfg.block_size))
+
     def _render(self, kind: str, req: Any) -> RoutingHint | None:
         """Render the prompt to token ids once; they drive routing on both tiers.
 
@@ -114,7 +119,7 @@ class Ingress:
                     req.prompt = self.tokenizer(
                         req.prompt, add_special_tokens=getattr(req, "add_special_tokens", True)).input_ids
                 if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
-                    return RoutingHint(req.request_id, list(req.prompt))
+                    return self._hint(req.request_id, list(req.prompt))
                 return None
             messages = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in req.messages]
             ids = self.tokenizer.apply_chat_template(
@@ -122,7 +127,7 @@ class Ingress:
                 **(req.chat_template_kwargs or {}))
             if not isinstance(ids, list):  # BatchEncoding in recent transformers
                 ids = ids["input_ids"]
-            return RoutingHint(req.request_id, list(ids))
+            return self._hint(req.request_id, list(ids))
         except Exception:  # routing quality only: the engine renders (and validates) itself
             logger.debug("request %s: could not render prompt for routing", req.request_id, exc_info=True)
             return None
@@ -169,8 +174,6 @@ class Ingress:
             raise
         except Exception as e:  # decode died mid-stream: tell the client, in-band
             logger.warning("request %s: stream broke: %r", request_id, e)
-            import json
-
             yield f"data: {json.dumps(error_body(f'stream interrupted: {type(e).__name__}', 503))}\n\n"
         finally:
             gen.cancel()  # no-op when finished; aborts decode (and prefill) on disconnect

@@ -47,7 +47,17 @@ class ReplicaInfo(msgspec.Struct, frozen=True):
 
 
 class RoutingHint(msgspec.Struct, frozen=True):
-    """The prompt as the engines will see it, rendered once by the ingress; routers hash it."""
+    """The prompt as the engines will see it, rendered and hashed once by the ingress.
+
+    ``block_keys`` are ``scheduler.block_keys(token_ids, block_size)``; both tiers' routers and
+    decode's P/D decider reuse them. A caller that leaves them empty gets them computed once
+    per use (``keys_for``)."""
 
     request_id: str
     token_ids: list[int]
+    block_keys: list[int] = []
+
+    def keys_for(self, block_size: int) -> list[int]:
+        from scheduler import block_keys
+
+        return self.block_keys or block_keys(self.token_ids, block_size)

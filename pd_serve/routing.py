@@ -88,8 +88,8 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
             return [candidate_replicas]
         t0 = time.perf_counter()
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ctx = RequestContext.from_tokens(hint.request_id, hint.token_ids, self.block_size,
-                                         candidates=by_id.keys())
+        ctx = RequestContext(hint.request_id, hint.keys_for(self.block_size), len(hint.token_ids),
+                             self.block_size, by_id.keys())
         try:
             d = self.sched.route(ctx, alternates=len(by_id) - 1)
         except NoEligibleWorker:

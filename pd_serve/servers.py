@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 
@@ -38,7 +39,7 @@ from pd_serve.engine import EngineHost, drain_batches
 from pd_serve.errors import error_body
 from pd_serve.engine import KV_EVENTS_TOPIC
 from pd_serve.protocol import JSONReply, PrefillResult, ReplicaInfo, RequestKind, RoutingHint
-from scheduler import DeciderParams, KVEventSubscriber, PrefixIndex, block_keys, decide
+from scheduler import DeciderParams, KVEventSubscriber, PrefixIndex, decide
 
 logger = logging.getLogger(__name__)
 _METRICS_BASE_PORT = 29600
@@ -185,8 +186,7 @@ class DecodeServer(_EngineReplica):
     def _cached_tokens(self, hint: RoutingHint) -> int:
         if self._own_index is None:
             return 0
-        keys = block_keys(hint.token_ids, self.host.block_size)
-        matched = self._own_index.match(keys).get(self.replica_id, 0)
+        matched = self._own_index.match(hint.keys_for(self.host.block_size)).get(self.replica_id, 0)
         return matched * self.host.block_size
 
     def _decide(self, hint: RoutingHint | None) -> tuple[str, str]:
@@ -294,6 +294,4 @@ class DecodeServer(_EngineReplica):
 
 
 def _json(obj: Any) -> bytes:
-    import json
-
     return json.dumps(obj).encode()
