@@ -8,7 +8,10 @@ bytes; this package owns what surrounds them:
 - ``ports``: node-local allocation of side-channel ports and CPU cores;
 - ``params``: the typed ``kv_transfer_params`` hand-off between tiers;
 - ``compat``: up-front compatibility checks between tiers;
-- ``cpu_plugin``: the documented vLLM plugin that tames NIXL on CPU-only hosts.
+- ``cpu_plugin``: the documented vLLM plugin that tames NIXL on CPU-only hosts;
+- ``held``: the count of blocks a prefill engine holds until decode pulls them (a gauge vLLM
+  lacks), observed in the engine process and read by the replica;
+- ``metrics``: backend-neutral transfer metrics derived from the connector's own.
 """
 
 from kv_transfer.backends import (

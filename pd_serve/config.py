@@ -100,9 +100,15 @@ class KVTransferSection(_Strict):
         "(prefill tier down, restarting or saturated).")
     prefill_timeout_s: float = Field(
         60.0, gt=0, description="Longest decode waits for a remote prefill before the failure policy applies.")
-    failure_policy: Literal["local_prefill", "fail"] = Field(
+    failure_policy: Literal["local_prefill", "retry_prefill", "fail"] = Field(
         "local_prefill", description="When remote prefill or the KV pull fails: prefill (or recompute the missing "
-        "blocks) on the decode engine, or return an error. Failures are counted either way.")
+        "blocks) on the decode engine; prefill again on another prefill replica (up to `prefill_retries` times, "
+        "then on decode); or return an error. Failures are counted either way.")
+    prefill_retries: int = Field(
+        1, ge=1, le=8, description="`retry_prefill`: how many other prefill replicas to try for one request "
+        "before prefilling on decode. Each waits at most `prefill_select_timeout_s` for a replica. "
+        "The `prefix_aware` and `round_robin` routers avoid replicas that already failed the request "
+        "(while another exists); `ray_default` does not.")
 
     @model_validator(mode="after")
     def _known_backend(self) -> "KVTransferSection":

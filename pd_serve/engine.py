@@ -91,7 +91,8 @@ def plan_engine(cfg: AppConfig, tier: Tier, *, replica_tag: str, host: str,
         kwargs["kv_transfer_config"] = backend.engine_config(role, ident)
         if tier == "decode":
             # A pull that fails (prefill died, network) either recomputes the missing blocks on
-            # decode, counted in vllm:nixl_num_failed_transfers, or fails the request with an error.
+            # decode, counted in vllm:nixl_num_failed_transfers, or fails the request with an error
+            # (`fail`, and `retry_prefill`, where DecodeServer then prefills again elsewhere).
             kwargs["kv_transfer_config"]["kv_load_failure_policy"] = (
                 "recompute" if kt.failure_policy == "local_prefill" else "fail")
         env.update(backend.engine_env(ident))
@@ -213,6 +214,10 @@ class EngineHost:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if self.plan.identity is not None:
+            from kv_transfer import held
+
+            held.remove(self.plan.identity.engine_id)
 
 
 async def drain_batches(agen, max_items: int = 64):

@@ -6,6 +6,8 @@
    the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``), so the whole engine
    tree goes with the replica. Opt out with ``PD_SERVE_ENGINE_PDEATHSIG=0``.
 2. **NIXL on CPU-only hosts**: see ``kv_transfer.cpu_plugin`` (inactive on GPUs).
+3. **Blocks held awaiting a pull**: ``kv_transfer.held`` observes NIXL's scheduler side and
+   publishes the count that the ``pd_serve_kv_*_awaiting_pull`` gauges show.
 """
 
 from __future__ import annotations
@@ -35,3 +37,6 @@ def register() -> None:
     from kv_transfer.cpu_plugin import register as register_cpu_nixl
 
     register_cpu_nixl()
+    from kv_transfer.held import install as observe_held_blocks
+
+    observe_held_blocks()

@@ -7,7 +7,7 @@ sample with ``tier`` and ``replica``. Label sets are bounded: never a request id
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 PREFILL_DECISIONS = Counter(
     "pd_serve_prefill_total",
@@ -70,4 +70,18 @@ INGRESS_RETRIES = Counter(
     "pd_serve_ingress_retries_total",
     "Requests re-sent by the ingress because their decode replica failed before answering, by error.",
     ["error"],
+)
+PREFILL_RETRIES = Counter(
+    "pd_serve_prefill_retries_total",
+    "Requests prefilled again on another prefill replica (failure_policy: retry_prefill), by what failed: "
+    "the remote prefill itself (prefill) or decode's KV pull (pull).",
+    ["stage"],
+)
+REQUESTS_AWAITING_PULL = Gauge(
+    "pd_serve_kv_requests_awaiting_pull",
+    "Prefilled requests whose blocks this engine holds until decode pulls them or the lease expires.",
+)
+BLOCKS_AWAITING_PULL = Gauge(
+    "pd_serve_kv_blocks_awaiting_pull",
+    "KV blocks this engine holds until decode pulls them or the lease expires (kv_transfer.lease_s).",
 )

@@ -51,11 +51,13 @@ class RoutingHint(msgspec.Struct, frozen=True):
 
     ``block_keys`` are ``scheduler.block_keys(token_ids, block_size)``; both tiers' routers and
     decode's P/D decider reuse them. A caller that leaves them empty gets them computed once
-    per use (``keys_for``)."""
+    per use (``keys_for``). ``exclude`` names replicas that already failed this request."""
 
     request_id: str
     token_ids: list[int]
     block_keys: list[int] = []
+    # Replicas this request must not be routed to (they already failed it; retry_prefill).
+    exclude: list[str] = []
 
     def keys_for(self, block_size: int) -> list[int]:
         from scheduler import block_keys

@@ -9,6 +9,7 @@ candidates with ``scheduler.Scheduler.route``.
 
 The request being routed carries a ``RoutingHint`` (its prompt token ids, rendered once by the
 ingress) as its third positional argument; requests without one fall back to load only.
+Replicas the hint excludes (they already failed the request) are chosen only when no other is.
 
 ``RoundRobinRouter`` is the baseline the routing benchmark compares against.
 """
@@ -36,6 +37,20 @@ def _hint(pending: PendingRequest | None) -> RoutingHint | None:
         if isinstance(a, RoutingHint):
             return a
     return None
+
+
+def _without_excluded(replicas: list[RunningReplica], hint: RoutingHint | None) -> list[RunningReplica]:
+    """Drop the replicas that already failed this request, unless no other is left.
+
+    Never returns an empty list for a non-empty input: Serve calls ``choose_replicas`` again at
+    once, without yielding, when it gets no candidate (``should_backoff`` is False without
+    locality routing), so "none" would spin the router's event loop and stall every handle
+    in the process. Retrying a replica that failed is the lesser evil: a dead one fails its
+    reservation and Serve drops it; a live one may well succeed."""
+    if hint is None or not hint.exclude:
+        return replicas
+    kept = [r for r in replicas if r.replica_id.unique_id not in hint.exclude]
+    return kept or replicas
 
 
 def _plugin_timer(tier: str, plugin: str, seconds: float) -> None:
@@ -84,7 +99,8 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         self._refresh(candidate_replicas)
         hint = _hint(pending_request)
-        if hint is None or not candidate_replicas:
+        candidate_replicas = _without_excluded(candidate_replicas, hint)
+        if hint is None or not hint.token_ids or not candidate_replicas:
             return [candidate_replicas]
         t0 = time.perf_counter()
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -131,6 +147,7 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        candidate_replicas = _without_excluded(candidate_replicas, _hint(pending_request))
         if not candidate_replicas:
             return []
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)

@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator
 
 from prometheus_client import start_http_server
 
-from kv_transfer import KVTransferParams, prefill_request_params
+from kv_transfer import KVTransferParams, held, prefill_request_params
 from kv_transfer.ports import claim_port
 from pd_serve import metrics as m
 from pd_serve.autoscaling import KV_USAGE, QUEUED_PREFILL_TOKENS
@@ -78,6 +78,10 @@ class _EngineReplica:
             metrics_url=f"http://{self.host.host}:{port}/metrics",
             engine_id=self.host.plan.identity.engine_id if self.host.plan.identity else "",
             node_ip=self.host.host, pid=os.getpid())
+        if self.host.plan.identity is not None:
+            engine_id = self.host.plan.identity.engine_id
+            m.REQUESTS_AWAITING_PULL.set_function(lambda: held.read(engine_id)[0])
+            m.BLOCKS_AWAITING_PULL.set_function(lambda: held.read(engine_id)[1])
         self._control = control
         await control.register.remote(self.info)
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
@@ -213,16 +217,12 @@ class DecodeServer(_EngineReplica):
             update["max_completion_tokens"] = 1
         return request.model_copy(update=update)
 
-    async def _remote_prefill(self, kind: RequestKind, request: Any,
-                              hint: RoutingHint | None) -> tuple[PrefillResult | None, str]:
-        """Ask the prefill tier. Returns (result, reason); result None means: prefill locally.
-
-        A prefill replica is reserved first (Ray Serve's ``choose_replica``): if none frees up
-        within ``prefill_select_timeout_s`` (tier down, restarting or saturated), decode
-        prefills locally at once instead of queueing behind it.
-        """
+    async def _prefill_once(self, kind: RequestKind, preq: Any, hint: RoutingHint | None,
+                            request_id: str) -> tuple[PrefillResult | None, str, str | None]:
+        """One remote prefill. Returns (result, outcome, replica): outcome ``ok`` (result may
+        still be a 4xx the client must see), ``unavailable`` (no replica within
+        ``prefill_select_timeout_s``) or ``failed`` (replica died, engine error, timeout)."""
         kt = self.cfg.kv_transfer
-        preq = self._prefill_copy(kind, request)
         t0 = time.perf_counter()
         async with contextlib.AsyncExitStack() as stack:
             try:
@@ -230,7 +230,7 @@ class DecodeServer(_EngineReplica):
                     stack.enter_async_context(self._prefill.prefill.choose_replica(kind, preq, hint)),
                     kt.prefill_select_timeout_s)
             except asyncio.TimeoutError:
-                return None, "prefill_unavailable"
+                return None, "unavailable", None
             try:
                 res: PrefillResult = await asyncio.wait_for(
                     self._prefill.dispatch(selection, kind, preq, hint), kt.prefill_timeout_s)
@@ -240,57 +240,165 @@ class DecodeServer(_EngineReplica):
             except Exception as e:  # replica died, engine error, timeout
                 reason = type(e).__name__
                 m.REMOTE_PREFILL_FAILURES.labels(reason).inc()
-                logger.warning("request %s: remote prefill failed (%r)", request.request_id, e)
-                if kt.failure_policy == "fail":
-                    return PrefillResult(status=502, error_body=_json(error_body(
-                        f"remote prefill failed: {reason}", 502, "PrefillFailedError"))), "failed"
-                return None, "remote_failed"
+                logger.warning("request %s: remote prefill on %s failed (%r)", request_id, selection.replica_id, e)
+                return PrefillResult(status=502, error_body=_json(error_body(
+                    f"remote prefill failed: {reason}", 502, "PrefillFailedError"))), "failed", selection.replica_id
         m.REMOTE_PREFILL_SECONDS.observe(time.perf_counter() - t0)
         if res.status >= 500:
             m.REMOTE_PREFILL_FAILURES.labels(f"http_{res.status}").inc()
-            if kt.failure_policy != "fail":
-                return None, "remote_failed"
-        return res, "remote"
+            return res, "failed", selection.replica_id
+        return res, "ok", selection.replica_id
+
+    async def _remote_prefill(self, kind: RequestKind, request: Any, hint: RoutingHint | None,
+                              failed: list[str], retries: list[int]) -> tuple[PrefillResult | None, str]:
+        """Ask the prefill tier. Returns (result, reason); result None means: prefill locally.
+
+        A prefill replica is reserved first (Ray Serve's ``choose_replica``): if none frees up
+        within ``prefill_select_timeout_s`` (tier down, restarting or saturated), decode
+        prefills locally at once instead of queueing behind it. A failed prefill follows
+        ``failure_policy``; under ``retry_prefill`` the replicas in ``failed`` are excluded and
+        ``retries[0]`` (shared with retries after failed pulls) is spent.
+        """
+        kt = self.cfg.kv_transfer
+        preq = self._prefill_copy(kind, request)
+        retried = False
+        while True:
+            routed = hint if not failed else (
+                msgspec.structs.replace(hint, exclude=list(failed)) if hint is not None
+                else RoutingHint(request.request_id, [], exclude=list(failed)))
+            res, outcome, replica = await self._prefill_once(kind, preq, routed, request.request_id)
+            if outcome == "ok":
+                return res, "prefill_retry" if retried else "remote"
+            if outcome == "unavailable":
+                return None, "prefill_unavailable" if not failed else "retry_unavailable"
+            if kt.failure_policy == "fail":
+                return res, "failed"
+            if kt.failure_policy == "retry_prefill" and retries[0] > 0:
+                retries[0] -= 1
+                failed.append(replica or "")
+                m.PREFILL_RETRIES.labels("prefill").inc()
+                retried = True
+                continue
+            return None, "remote_failed"
+
+    def _prefill_replica_of(self, params: dict[str, Any] | None) -> str:
+        """The prefill replica whose engine holds the blocks ``params`` point at."""
+        engine = (params or {}).get("remote_engine_id") or ""
+        for p in self._prefill_state:
+            if p.engine_id == engine:
+                return p.replica_id
+        return engine.removeprefix("prefill-")  # engine ids are "<tier>-<replica id>" (engine.plan_engine)
 
     # -- the request path ---------------------------------------------------------------------
     async def generate(self, kind: RequestKind, request: Any,
                        hint: RoutingHint | None = None) -> AsyncIterator[JSONReply | str]:
         """Serve one OpenAI request. Yields one ``JSONReply`` (a full answer or an error), or
-        the SSE stream as strings, each holding every chunk that was ready."""
+        the SSE stream as strings, each holding every chunk that was ready.
+
+        Under ``failure_policy: retry_prefill`` a pull that fails before the first token (the
+        decode engine runs with vLLM's ``kv_load_failure_policy: fail``) is retried: prefill
+        again on another prefill replica, and once the retries are spent, on decode. Nothing
+        has reached the client by then, so the retry is invisible to it except in latency.
+        """
         api = "chat" if kind == "chat" else "completions"
+        kt = self.cfg.kv_transfer
+        retry = kt.failure_policy == "retry_prefill"
+        retries = [kt.prefill_retries if retry else 0]
+        failed: list[str] = []  # prefill replicas that failed this request
         # A trusted caller may hand over KV prefilled elsewhere (the ingress refuses these from
         # clients); then decode only pulls.
         where, reason = ("external", "preset") if request.kv_transfer_params else self._decide(hint)
-        if where == "remote":
-            res, reason = await self._remote_prefill(kind, request, hint)
-            if res is None:
-                where = "local"
-            elif res.status != 200:
-                m.REQUESTS.labels(api, "error").inc()
-                yield JSONReply(res.status, res.error_body or b"")
-                return
-            else:
-                request.kv_transfer_params = KVTransferParams.from_vllm(res.kv_transfer_params).to_vllm()
-        m.PREFILL_DECISIONS.labels(where, reason).inc()
+        while True:
+            if where == "remote":
+                request.kv_transfer_params = None
+                res, got = await self._remote_prefill(kind, request, hint, failed, retries)
+                reason = reason if (got == "remote" and reason == "pull_retry") else got
+                if res is None:
+                    where = "local"
+                elif res.status != 200:
+                    m.REQUESTS.labels(api, "error").inc()
+                    yield JSONReply(res.status, res.error_body or b"")
+                    return
+                else:
+                    request.kv_transfer_params = KVTransferParams.from_vllm(res.kv_transfer_params).to_vllm()
+            m.PREFILL_DECISIONS.labels(where, reason).inc()
+            pulls = retry and where != "local"
 
-        result = await self.host.create(kind, request)
+            result = await self.host.create(kind, request)
+            stream = drain_batches(result) if hasattr(result, "__aiter__") else None
+            head: list[str] = []
+            if pulls and stream is not None:
+                head, pull_failed = await _stream_head(stream)
+            else:
+                pull_failed = pulls and hasattr(result, "error") and result.error.code >= 500
+            if pull_failed:
+                if stream is not None:
+                    await stream.aclose()
+                source = self._prefill_replica_of(request.kv_transfer_params)
+                logger.warning("request %s: KV pull from %s failed before the first token", request.request_id, source)
+                failed.append(source)
+                if retries[0] > 0:
+                    retries[0] -= 1
+                    m.PREFILL_RETRIES.labels("pull").inc()
+                    where, reason = ("remote", "pull_retry") if self._prefill is not None else ("local", "pull_failed")
+                else:
+                    where, reason = "local", "retries_exhausted"
+                request.kv_transfer_params = None
+                continue
+            break
+
         if hasattr(result, "error"):
             m.REQUESTS.labels(api, "error").inc()
             yield JSONReply(*_error_json(result))
             return
-        if not hasattr(result, "__aiter__"):
+        if stream is None:
             m.REQUESTS.labels(api, "ok").inc()
             yield JSONReply(200, result.model_dump_json().encode())
             return
         finished = False
         try:
-            async for batch in drain_batches(result):
+            for batch in head:
+                yield batch
+            async for batch in stream:
                 yield "".join(batch)
             finished = True
         finally:
             if not finished:
                 m.CLIENT_ABORTS.labels("decode").inc()
+                await stream.aclose()
             m.REQUESTS.labels(api, "ok" if finished else "aborted").inc()
+
+
+async def _stream_head(stream: AsyncIterator[list[str]]) -> tuple[list[str], bool]:
+    """Read SSE batches up to the first that carries output. Returns (batches read, joined;
+    whether the engine failed before any output), so a failed pull can be retried unseen.
+
+    vLLM's chat stream opens with a role-only chunk when the engine's first output arrives,
+    even a failed one, so that chunk does not count as output."""
+    head: list[str] = []
+    async for batch in stream:
+        head.append("".join(batch))
+        for event in batch:
+            payload = event.removeprefix("data: ").strip()
+            if payload == "[DONE]":
+                return head, False
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                return head, False
+            if "error" in obj:
+                return head, True
+            if any(_is_output(c) for c in obj.get("choices") or ()):
+                return head, False
+    return head, False
+
+
+def _is_output(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta")
+    if delta is None:  # completions
+        return True
+    return choice.get("finish_reason") is not None or any(
+        v for k, v in delta.items() if k != "role")
 
 
 def _json(obj: Any) -> bytes:
