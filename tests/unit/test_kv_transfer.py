@@ -144,3 +144,18 @@ def test_transfer_metrics_are_derived_from_nixl_metrics() -> None:
     assert got[("pd_serve_kv_transfer_failures_total", (("engine", "0"), ("reason", "transfer")))] == 1.0
     assert got[("pd_serve_kv_leases_expired_total", (("engine", "0"),))] == 2.0
     assert not any(name.startswith("vllm:") for name, _ in got)
+
+
+def test_kv_transfer_imports_no_ray_and_no_fastapi() -> None:
+    """The package boundary issue 4 fixes: every kv_transfer module imports without Ray/FastAPI."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pkgutil, importlib, kv_transfer\n"
+        "for m in pkgutil.walk_packages(kv_transfer.__path__, 'kv_transfer.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(','.join(sorted(m for m in ('ray', 'fastapi', 'starlette') if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"kv_transfer pulled in: {out.stdout.strip()}"
