@@ -337,10 +337,12 @@ class DecodeServer(_EngineReplica):
                 source = self._prefill_replica_of(request.kv_transfer_params)
                 logger.warning("request %s: KV pull from %s failed before the first token", request.request_id, source)
                 failed.append(source)
-                if retries[0] > 0:
+                if self._prefill is None:  # KV handed over by a caller, and no prefill tier here
+                    where, reason = "local", "pull_failed"
+                elif retries[0] > 0:
                     retries[0] -= 1
                     m.PREFILL_RETRIES.labels("pull").inc()
-                    where, reason = ("remote", "pull_retry") if self._prefill is not None else ("local", "pull_failed")
+                    where, reason = "remote", "pull_retry"
                 else:
                     where, reason = "local", "retries_exhausted"
                 request.kv_transfer_params = None
