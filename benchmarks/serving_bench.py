@@ -200,6 +200,33 @@ def _describe(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def engines_to_myself(log: Any, report: dict[str, Any]) -> Iterator[None]:
+    """Hold the machine lock, and refuse to run if engines or Ray are already up without it:
+    whatever is left afterwards is then this run's to stop (``wait_gone``, ``ray_stop``)."""
+    with machine_lock(log) as how:
+        report["lock"] = how
+        log(f"lock {LOCK_PATH}: {how}")
+        if (stray := _leftovers()):
+            raise SystemExit("engines or Ray are already running (not started by this run); stop "
+                             "them first (`make stop`):\n  " + "\n  ".join(_describe(stray)))
+        yield
+
+
+def wait_gone(timeout_s: float) -> list[psutil.Process]:
+    """Wait up to ``timeout_s`` for engine/Ray processes to exit; return those still running."""
+    deadline = time.monotonic() + timeout_s
+    while (left := _leftovers()) and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
+def ray_stop() -> None:
+    """``ray stop --force`` with this interpreter's Ray, for a local cluster that outlived its app."""
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"],
+                   capture_output=True, timeout=120)
+
+
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -406,13 +433,9 @@ def _stop_server(r: Running, grace: float) -> list[str]:
                 p.kill()
         psutil.wait_procs(alive, timeout=10)
     if r.spec.kind in ("pd_serve", "peer") and _leftovers():
-        ray = Path(sys.executable).parent / "ray"
-        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+        ray_stop()
         notes.append(f"{r.spec.name}: ran `ray stop --force` for leftover Ray processes")
-    deadline = time.monotonic() + 20
-    while _leftovers() and time.monotonic() < deadline:
-        time.sleep(1)
-    if (left := _leftovers()):
+    if (left := wait_gone(20)):
         notes.append(f"{r.spec.name}: still running after stop: {_describe(left)}")
     return notes
 
@@ -898,12 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     report["config"]["client_autogroup_nice"] = CLIENT_AUTOGROUP_NICE if a.boosted else None
     try:
-        with machine_lock(log) as how:
-            report["lock"] = how
-            log(f"lock {LOCK_PATH}: {how}")
-            if (stray := _leftovers()):
-                raise SystemExit("engines or Ray are already running (not started by this run); stop "
-                                 "them first (`make stop`):\n  " + "\n  ".join(_describe(stray)))
+        with engines_to_myself(log, report):
             for name in a.servers:
                 spec = SERVERS[name]
                 entry: dict[str, Any] = {"status": "running", "kind": spec.kind, "loads": {}, "notes": []}

@@ -61,7 +61,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import httpx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.serving_bench import _describe, _git, _leftovers, _machine, machine_lock  # noqa: E402
+from benchmarks.serving_bench import _describe, _git, _machine, engines_to_myself, ray_stop, wait_gone  # noqa: E402
 from tests.support.metrics import Scrape  # noqa: E402
 from tests.support.servers import load_app_args, pd_serve_app  # noqa: E402
 
@@ -502,12 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                dynamic_ncols=True, file=sys.stdout)
     log = bar.write
     try:
-        with machine_lock(log) as how:
-            report["lock"] = how
-            log(f"lock /tmp/pd_serve_engines.lock: {how}")
-            if (stray := _leftovers()):
-                raise SystemExit("engines or Ray are already running (not started by this run):\n  "
-                                 + "\n  ".join(_describe(stray)))
+        with engines_to_myself(log, report):
             bar.set_description("starting pd_serve")
             t0 = time.monotonic()
             try:
@@ -602,17 +597,11 @@ def _cleanup(log: Any) -> list[str]:
     This run holds the machine lock and checked that nothing ran before it started, so whatever
     is left is this run's.
     """
-    deadline = time.monotonic() + 30
-    while _leftovers() and time.monotonic() < deadline:
-        time.sleep(1)
-    if _leftovers():
-        log(f"leftovers after shutdown: {_describe(_leftovers())}; running `ray stop --force`")
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True,
-                       timeout=120)
-        deadline = time.monotonic() + 20
-        while _leftovers() and time.monotonic() < deadline:
-            time.sleep(1)
-    return _describe(_leftovers())
+    if (left := wait_gone(30)):
+        log(f"leftovers after shutdown: {_describe(left)}; running `ray stop --force`")
+        ray_stop()
+        left = wait_gone(20)
+    return _describe(left)
 
 
 if __name__ == "__main__":
