@@ -250,14 +250,14 @@ class DecodeServer(_EngineReplica):
         return res, "ok", selection.replica_id
 
     async def _remote_prefill(self, kind: RequestKind, request: Any, hint: RoutingHint | None,
-                              failed: list[str], retries: list[int]) -> tuple[PrefillResult | None, str]:
+                              failed: list[str]) -> tuple[PrefillResult | None, str]:
         """Ask the prefill tier. Returns (result, reason); result None means: prefill locally.
 
         A prefill replica is reserved first (Ray Serve's ``choose_replica``): if none frees up
         within ``prefill_select_timeout_s`` (tier down, restarting or saturated), decode
         prefills locally at once instead of queueing behind it. A failed prefill follows
-        ``failure_policy``; under ``retry_prefill`` the replicas in ``failed`` are excluded and
-        ``retries[0]`` (shared with retries after failed pulls) is spent.
+        ``failure_policy``; under ``retry_prefill`` the replicas in ``failed`` are excluded, and
+        each entry there is one retry spent (after a failed prefill or a failed pull).
         """
         kt = self.cfg.kv_transfer
         preq = self._prefill_copy(kind, request)
@@ -273,8 +273,7 @@ class DecodeServer(_EngineReplica):
                 return None, "prefill_unavailable" if not failed else "retry_unavailable"
             if kt.failure_policy == "fail":
                 return res, "failed"
-            if kt.failure_policy == "retry_prefill" and retries[0] > 0:
-                retries[0] -= 1
+            if kt.failure_policy == "retry_prefill" and len(failed) < kt.prefill_retries:
                 failed.append(replica or "")
                 m.PREFILL_RETRIES.labels("prefill").inc()
                 retried = True
@@ -303,15 +302,14 @@ class DecodeServer(_EngineReplica):
         api = "chat" if kind == "chat" else "completions"
         kt = self.cfg.kv_transfer
         retry = kt.failure_policy == "retry_prefill"
-        retries = [kt.prefill_retries if retry else 0]
-        failed: list[str] = []  # prefill replicas that failed this request
+        failed: list[str] = []  # prefill replicas that failed this request: one retry each
         # A trusted caller may hand over KV prefilled elsewhere (the ingress refuses these from
         # clients); then decode only pulls.
         where, reason = ("external", "preset") if request.kv_transfer_params else self._decide(hint)
         while True:
             if where == "remote":
                 request.kv_transfer_params = None
-                res, got = await self._remote_prefill(kind, request, hint, failed, retries)
+                res, got = await self._remote_prefill(kind, request, hint, failed)
                 reason = reason if (got == "remote" and reason == "pull_retry") else got
                 if res is None:
                     where = "local"
@@ -336,11 +334,10 @@ class DecodeServer(_EngineReplica):
                     await stream.aclose()
                 source = self._prefill_replica_of(request.kv_transfer_params)
                 logger.warning("request %s: KV pull from %s failed before the first token", request.request_id, source)
-                failed.append(source)
                 if self._prefill is None:  # KV handed over by a caller, and no prefill tier here
                     where, reason = "local", "pull_failed"
-                elif retries[0] > 0:
-                    retries[0] -= 1
+                elif len(failed) < kt.prefill_retries:
+                    failed.append(source)
                     m.PREFILL_RETRIES.labels("pull").inc()
                     where, reason = "remote", "pull_retry"
                 else:
