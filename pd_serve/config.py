@@ -154,6 +154,19 @@ class IngressSection(_Strict):
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer tokens; empty disables auth.")
     retries: int = Field(1, ge=0, le=5, description="Times a request is re-sent to another decode replica when "
                          "its replica fails before answering anything (nothing reached the client yet).")
+    max_body_bytes: int = Field(
+        8 * 2**20, ge=1024, description="Largest request body accepted; larger ones get an OpenAI-shaped 413 "
+        "before they are read whole.")
+    offload_body_bytes: int = Field(
+        32 * 2**10, ge=0, description="Bodies at least this large are parsed and tokenized on a worker thread, "
+        "so a large prompt never stalls the event loop that streams other requests' tokens.")
+    stream_interval_ms: float = Field(
+        0.0, ge=0, le=1000, description="Decode sends a stream's tokens to the ingress at most this often "
+        "(the first token always at once); tokens that arrive in between travel together. 0 sends each "
+        "engine output as soon as it is ready.")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces). When set, each "
+        "request's phases are exported as OpenTelemetry spans; unset costs nothing.")
 
 
 class AppConfig(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -220,16 +221,20 @@ class EngineHost:
             held.remove(self.plan.identity.engine_id)
 
 
-async def drain_batches(agen, max_items: int = 64):
-    """Yield lists of items from ``agen``: each list holds whatever was ready, never waits to batch.
+async def drain_batches(agen, max_items: int = 64, min_interval_s: float = 0.0):
+    """Yield lists of items from ``agen``: each list holds whatever was ready.
 
     Streaming through Ray Serve costs a fixed overhead per yielded item, so when the engine
     produces tokens faster than the next hop takes them, they travel together instead of
-    queueing one by one. Adds no latency: a lone ready item is sent at once. Cancelling the
-    consumer cancels the producer task, which aborts the engine request.
+    queueing one by one. The first list goes as soon as its first item is ready. With
+    ``min_interval_s`` > 0, each later list waits until that long after the previous one
+    (or until ``agen`` ends, never longer), so a stream costs at most one hop per interval
+    however many streams share the replica. Cancelling the consumer cancels the producer
+    task, which aborts the engine request.
     """
     q: asyncio.Queue = asyncio.Queue()
     done = object()
+    ended = asyncio.Event()
 
     async def pump() -> None:
         try:
@@ -241,8 +246,10 @@ async def drain_batches(agen, max_items: int = 64):
                 raise
         finally:
             q.put_nowait(done)
+            ended.set()
 
     task = asyncio.ensure_future(pump())
+    loop = asyncio.get_running_loop()
     try:
         while True:
             item = await q.get()
@@ -254,7 +261,13 @@ async def drain_batches(agen, max_items: int = 64):
                     break
                 item = q.get_nowait()
             if batch:
+                sent = loop.time()
                 yield batch
+                if min_interval_s > 0 and item is None and not ended.is_set():
+                    wait = sent + min_interval_s - loop.time()
+                    if wait > 0:
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(ended.wait(), wait)
             if item is done:
                 return
             if isinstance(item, BaseException):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 import httpx
@@ -27,11 +29,14 @@ from kv_transfer.metrics import derive
 from pd_serve import metrics as m
 from pd_serve.config import AppConfig
 from pd_serve.errors import error_body
-from pd_serve.protocol import JSONReply, RoutingHint
+from pd_serve.phases import InFlight, Tracer, phases
+from pd_serve.protocol import Accepted, Head, JSONReply, RoutingHint
 from pd_serve.tiny_model import resolve_model
 from scheduler import block_keys
 
 logger = logging.getLogger(__name__)
+_REFRESH_S = 1.0          # how often /health's view of the replicas is refreshed
+_STALE_S = 10.0           # /health says unavailable when that view is older than this
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
 app = FastAPI(title="pd_serve", docs_url=None, redoc_url=None)
 
@@ -41,20 +46,57 @@ def _err(status: int, message: str, param: str | None = None, err_type: str | No
     return JSONResponse(error_body(message, status, err_type, param), status_code=status)
 
 
+def _too_large(limit: int) -> JSONResponse:
+    return _err(413, f"request body exceeds the limit of {limit} bytes (ingress.max_body_bytes)",
+                err_type="RequestTooLargeError")
+
+
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     first = e.errors()[0]
     loc = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
     return f"{loc + ': ' if loc else ''}{first.get('msg')}", loc
 
 
-class _Relabelled:
-    """A prometheus collector that re-exposes scraped families with tier/replica labels."""
+class _Families:
+    """A prometheus collector that exposes already-built metric families (``_merge``)."""
 
     def __init__(self, families: list[Metric]) -> None:
         self.families = families
 
     def collect(self):
         return iter(self.families)
+
+
+# Defined before the class: serve.ingress pickles the app's routes when the class is decorated.
+class _Timing:
+    """One request's ingress-side stamps (``time.time()``) and decode's ``Head``."""
+
+    __slots__ = ("request_id", "kind", "received", "parsed", "rendered", "head", "observed")
+
+    def __init__(self, request_id: str, kind: str, received: float, parsed: float, rendered: float,
+                 head: Head) -> None:
+        self.request_id, self.kind = request_id, kind
+        self.received, self.parsed, self.rendered, self.head = received, parsed, rendered, head
+        self.observed = False
+
+
+def _merge(pages: list[tuple[Any, str]]) -> bytes:
+    """Replicas' metric pages, each sample labelled with its tier and replica, plus the
+    derived transfer metrics and this process's own registry."""
+    merged: dict[str, Metric] = {}
+    for r, text in pages:
+        for fam in text_string_to_metric_families(text):
+            out = merged.get(fam.name)
+            if out is None:
+                out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for s in fam.samples:
+                out.samples.append(type(s)(s.name, {**s.labels, "tier": r.tier, "replica": r.replica_id},
+                                           s.value, s.timestamp, s.exemplar))
+    families = list(merged.values())
+    families += derive(families)  # pd_serve_kv_transfer_* from the connector's own metrics
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Families(families))
+    return generate_latest(reg) + generate_latest()  # then this process: ingress metrics
 
 
 @serve.ingress(app)
@@ -73,6 +115,30 @@ class Ingress:
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.cfg.model))
         self._http = httpx.AsyncClient(timeout=5.0)
+        # Large bodies are parsed and tokenized on this thread, off the loop that streams
+        # tokens, with a tokenizer of its own (a fast tokenizer must not be used by two
+        # threads at once). /metrics merges on another.
+        self._offload = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-serve-parse")
+        self._offload_tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.cfg.model))
+        self._merge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-serve-metrics")
+        self._tracer = Tracer(self.cfg.ingress.otlp_endpoint) if self.cfg.ingress.otlp_endpoint else None
+        # /health answers from this view of the replicas, refreshed off the request path.
+        self._replicas: dict[str, int] = {"decode": 0, "prefill": 0}
+        self._replicas_at = 0.0
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_replicas())
+        self._gather: asyncio.Future | None = None  # the /metrics gather in progress
+
+    async def _refresh_replicas(self) -> None:
+        while True:
+            try:
+                infos = await self.control.replicas.remote()
+                counts = {"decode": 0, "prefill": 0}
+                for r in infos:
+                    counts[r.tier] = counts.get(r.tier, 0) + 1
+                self._replicas, self._replicas_at = counts, time.monotonic()
+            except Exception:
+                logger.warning("could not read the replica list from control", exc_info=True)
+            await asyncio.sleep(_REFRESH_S)
 
     # -- admission --------------------------------------------------------------------------
     def _auth(self, request: Request) -> JSONResponse | None:
@@ -83,8 +149,24 @@ class Ingress:
             return _err(401, "invalid or missing API key", err_type="AuthenticationError")
         return None
 
-    async def _parse(self, kind: str, request: Request) -> Any:
-        body = await request.body()
+    async def _read_body(self, request: Request) -> bytes | JSONResponse:
+        """The body, or a 413 as soon as it is known to exceed ``ingress.max_body_bytes``
+        (from Content-Length, else while it streams in)."""
+        limit = self.cfg.ingress.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse(self, kind: str, body: bytes) -> Any:
+        """Validate ``body`` with vLLM's request model; a JSONResponse for bad input."""
         try:
             req = self.request_models[kind].model_validate_json(body)
         except ValidationError as e:
@@ -103,10 +185,18 @@ class Ingress:
                 return _err(400, f"{field} must be at least 1, got {v}", field)
         return req
 
+    def _parse_and_render(self, kind: str, body: bytes, tokenizer: Any) -> tuple[Any, RoutingHint | None, float]:
+        """Parse, then render; returns (request or error response, hint, when parsing ended)."""
+        req = self._parse(kind, body)
+        parsed = time.time()
+        if isinstance(req, Response):
+            return req, None, parsed
+        return req, self._render(kind, req, tokenizer), parsed
+
     def _hint(self, request_id: str, ids: list[int]) -> RoutingHint:
         return RoutingHint(request_id, ids, block_keys(ids, self.cfg.block_size))
 
-    def _render(self, kind: str, req: Any) -> RoutingHint | None:
+    def _render(self, kind: str, req: Any, tokenizer: Any) -> RoutingHint | None:
         """Render the prompt to token ids once; they drive routing on both tiers.
 
         Completions: a text prompt is replaced by its ids, so the engines receive exactly these
@@ -116,13 +206,13 @@ class Ingress:
         try:
             if kind == "completion":
                 if isinstance(req.prompt, str):
-                    req.prompt = self.tokenizer(
+                    req.prompt = tokenizer(
                         req.prompt, add_special_tokens=getattr(req, "add_special_tokens", True)).input_ids
                 if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
                     return self._hint(req.request_id, list(req.prompt))
                 return None
             messages = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in req.messages]
-            ids = self.tokenizer.apply_chat_template(
+            ids = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=req.add_generation_prompt, tokenize=True,
                 **(req.chat_template_kwargs or {}))
             if not isinstance(ids, list):  # BatchEncoding in recent transformers
@@ -133,50 +223,98 @@ class Ingress:
             return None
 
     async def _serve(self, kind: str, request: Request) -> Response:
-        if (denied := self._auth(request)) is not None:
-            return denied
-        req = await self._parse(kind, request)
-        if isinstance(req, Response):
-            return req
-        hint = self._render(kind, req)
-        for attempt in range(self.cfg.ingress.retries + 1):
-            gen = self.decode.generate.remote(kind, req, hint)
-            try:
-                first = await gen.__anext__()
-                break
-            except StopAsyncIteration:
-                return _err(500, "decode returned no answer")
-            except asyncio.CancelledError:
-                gen.cancel()
-                raise
-            except _REPLICA_GONE as e:  # the decode replica died: nothing was sent yet, try another
-                logger.warning("request %s: decode replica failed before its first byte (attempt %d): %r",
-                               req.request_id, attempt + 1, e)
-                m.INGRESS_RETRIES.labels(type(e).__name__).inc()
-            except Exception as e:
-                logger.exception("request %s failed before its first byte", req.request_id)
-                return _err(500, f"internal error: {type(e).__name__}", err_type="InternalServerError")
-        else:
-            return _err(503, "no decode replica could serve the request", err_type="ServiceUnavailableError")
-        if isinstance(first, JSONReply):
-            if first.status >= 400:
-                m.INGRESS_ERRORS.labels(str(first.status)).inc()
-            return Response(first.body, status_code=first.status, media_type="application/json")
-        return StreamingResponse(self._stream(first, gen, req.request_id), media_type="text/event-stream")
+        received = time.time()
+        stage = InFlight(m.REQUESTS_IN_FLIGHT, "ingress")
+        handed_over = False
+        try:
+            if (denied := self._auth(request)) is not None:
+                return denied
+            body = await self._read_body(request)
+            if isinstance(body, Response):
+                return body
+            if len(body) >= self.cfg.ingress.offload_body_bytes:
+                req, hint, parsed = await asyncio.get_running_loop().run_in_executor(
+                    self._offload, self._parse_and_render, kind, body, self._offload_tokenizer)
+            else:
+                req, hint, parsed = self._parse_and_render(kind, body, self.tokenizer)
+            if isinstance(req, Response):
+                return req
+            rendered = time.time()
+            stage.move("to_decode")
+            for attempt in range(self.cfg.ingress.retries + 1):
+                gen = self.decode.generate.remote(kind, req, hint)
+                try:
+                    head = await self._head(gen, stage)
+                    break
+                except StopAsyncIteration:
+                    return _err(500, "decode returned no answer")
+                except asyncio.CancelledError:
+                    gen.cancel()
+                    raise
+                except _REPLICA_GONE as e:  # the decode replica died: nothing was sent yet, try another
+                    logger.warning("request %s: decode replica failed before its first byte (attempt %d): %r",
+                                   req.request_id, attempt + 1, e)
+                    m.INGRESS_RETRIES.labels(type(e).__name__).inc()
+                    stage.move("to_decode")
+                except Exception as e:
+                    logger.exception("request %s failed before its first byte", req.request_id)
+                    return _err(500, f"internal error: {type(e).__name__}", err_type="InternalServerError")
+            else:
+                return _err(503, "no decode replica could serve the request", err_type="ServiceUnavailableError")
+            timing = _Timing(req.request_id, kind, received, parsed, rendered, head)
+            first = head.item
+            if isinstance(first, JSONReply):
+                if first.status >= 400:
+                    m.INGRESS_ERRORS.labels(str(first.status)).inc()
+                self._record(timing, time.time(), done=True)
+                return Response(first.body, status_code=first.status, media_type="application/json")
+            handed_over = True
+            return StreamingResponse(self._stream(first, gen, timing, stage), media_type="text/event-stream")
+        finally:
+            if not handed_over:
+                stage.close()
 
     @staticmethod
-    async def _stream(first: str, gen: Any, request_id: str) -> AsyncIterator[str]:
+    async def _head(gen: Any, stage: InFlight) -> Head:
+        """Decode's ``Head``, moving the request to stage ``in_decode`` once decode has it."""
+        item = await gen.__anext__()
+        if isinstance(item, Accepted):
+            stage.move("in_decode")
+            item = await gen.__anext__()
+        if not isinstance(item, Head):
+            raise TypeError(f"decode answered {type(item).__name__}, not Head")
+        return item
+
+    def _record(self, t: "_Timing", first_byte: float, done: bool, end: float | None = None) -> None:
+        """Observe the phases once, at the first byte; export the trace once, at the end."""
+        chain = phases(t.received, t.parsed, t.rendered, t.head.timeline, first_byte)
+        if not t.observed:
+            t.observed = True
+            for name, start, stop in chain:
+                m.PHASE_SECONDS.labels(name).observe(stop - start)
+        if done and self._tracer is not None:
+            self._tracer.request(t.request_id, t.kind, chain, end or first_byte,
+                                 {"pd_serve.prefill": t.head.timeline.where})
+
+    async def _stream(self, first: str, gen: Any, timing: "_Timing", stage: InFlight) -> AsyncIterator[str]:
+        stage.move("streaming")
+        first_byte = 0.0
         try:
+            first_byte = time.time()
+            self._record(timing, first_byte, done=False)
             yield first
             async for chunk in gen:
                 yield chunk
         except asyncio.CancelledError:
             raise
         except Exception as e:  # decode died mid-stream: tell the client, in-band
-            logger.warning("request %s: stream broke: %r", request_id, e)
+            logger.warning("request %s: stream broke: %r", timing.request_id, e)
             yield f"data: {json.dumps(error_body(f'stream interrupted: {type(e).__name__}', 503))}\n\n"
         finally:
+            stage.close()
             gen.cancel()  # no-op when finished; aborts decode (and prefill) on disconnect
+            if first_byte:
+                self._record(timing, first_byte, done=True, end=time.time())
 
     # -- routes -----------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -198,31 +336,28 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> Response:
-        decode = await self.control.replicas.remote("decode")
-        prefill = await self.control.replicas.remote("prefill")
-        ok = len(decode) > 0
-        return JSONResponse({"status": "ok" if ok else "unavailable", "decode_replicas": len(decode),
-                             "prefill_replicas": len(prefill)}, status_code=200 if ok else 503)
+        """Answered from the replica view that a background task refreshes every second: no
+        call to any other actor on the way, so it stays fast however loaded the app is."""
+        age = time.monotonic() - self._replicas_at
+        decode, prefill = self._replicas.get("decode", 0), self._replicas.get("prefill", 0)
+        ok = decode > 0 and age < _STALE_S
+        return JSONResponse({"status": "ok" if ok else "unavailable", "decode_replicas": decode,
+                             "prefill_replicas": prefill, "view_age_s": round(age, 3)},
+                            status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
+        """Every replica's registry, merged and labelled off the event loop. Scrapes that
+        arrive while a gather runs share its result instead of starting another."""
+        if self._gather is None:
+            self._gather = asyncio.ensure_future(self._gather_metrics())
+            self._gather.add_done_callback(lambda _: setattr(self, "_gather", None))
+        text = await asyncio.shield(self._gather)
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    async def _gather_metrics(self) -> bytes:
         replicas = await self.control.replicas.remote()
-        texts = await asyncio.gather(*(self._http.get(r.metrics_url) for r in replicas),
-                                     return_exceptions=True)
-        merged: dict[str, Metric] = {}
-        for r, resp in zip(replicas, texts):
-            if isinstance(resp, BaseException) or resp.status_code != 200:
-                continue
-            for fam in text_string_to_metric_families(resp.text):
-                out = merged.get(fam.name)
-                if out is None:
-                    out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-                for s in fam.samples:
-                    out.samples.append(type(s)(s.name, {**s.labels, "tier": r.tier, "replica": r.replica_id},
-                                               s.value, s.timestamp, s.exemplar))
-        families = list(merged.values())
-        families += derive(families)  # pd_serve_kv_transfer_* from the connector's own metrics
-        reg = CollectorRegistry(auto_describe=False)
-        reg.register(_Relabelled(families))
-        own = generate_latest()  # this process: ingress counters
-        return Response(generate_latest(reg) + own, media_type="text/plain; version=0.0.4")
+        texts = await asyncio.gather(*(self._http.get(r.metrics_url) for r in replicas), return_exceptions=True)
+        pages = [(r, resp.text) for r, resp in zip(replicas, texts)
+                 if not isinstance(resp, BaseException) and resp.status_code == 200]
+        return await asyncio.get_running_loop().run_in_executor(self._merge_pool, _merge, pages)

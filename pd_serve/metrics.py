@@ -85,3 +85,17 @@ BLOCKS_AWAITING_PULL = Gauge(
     "pd_serve_kv_blocks_awaiting_pull",
     "KV blocks this engine holds until decode pulls them or the lease expires (kv_transfer.lease_s).",
 )
+PHASE_SECONDS = Histogram(
+    "pd_serve_phase_seconds",
+    "Time each request spent in each phase up to its first byte, measured by the ingress "
+    "(phases in pd_serve/phases.py; their sum is the ingress's time to first byte).",
+    ["phase"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+REQUESTS_IN_FLIGHT = Gauge(
+    "pd_serve_requests_in_flight",
+    "Requests in each stage right now: at the ingress (`ingress`, `to_decode`, `in_decode`, "
+    "`streaming`) and, labelled with tier=decode, inside a decode replica (`prefill_select`, "
+    "`prefill`, `first_token`, `streaming`).",
+    ["stage"],
+)

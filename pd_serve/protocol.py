@@ -63,3 +63,38 @@ class RoutingHint(msgspec.Struct, frozen=True):
         from scheduler import block_keys
 
         return self.block_keys or block_keys(self.token_ids, block_size)
+
+
+class Accepted(msgspec.Struct, frozen=True):
+    """Decode's first item for every request: the replica has started it (``entered`` is
+    ``time.time()`` there). Until it arrives the request is in Ray Serve's routing queue or on
+    the wire, and the ingress counts it in stage ``to_decode``."""
+
+    entered: float
+
+
+class DecodeTimeline(msgspec.Struct, frozen=True):
+    """When decode reached each step of one request (``time.time()``; 0 = did not happen)."""
+
+    entered: float
+    prefill_chosen: float = 0.0   # a prefill replica was reserved (remote prefill only)
+    prefill_done: float = 0.0     # kv_transfer_params in hand (remote prefill only)
+    first_token: float = 0.0      # the engine's first output (or whole answer) was ready
+    where: str = "local"          # where the prompt was prefilled: remote | local | external
+
+
+class Head(msgspec.Struct, frozen=True):
+    """Decode's first answer item: the timeline so far, and the first ``JSONReply`` or SSE text."""
+
+    timeline: DecodeTimeline
+    item: JSONReply | str
+
+
+def answer_items(items: Any) -> list[JSONReply | str]:
+    """Decode's items without the envelopes: what the client's answer is made of."""
+    out: list[JSONReply | str] = []
+    for x in items:
+        if isinstance(x, Accepted):
+            continue
+        out.append(x.item if isinstance(x, Head) else x)
+    return out

@@ -38,7 +38,9 @@ from pd_serve.control import HEARTBEAT_S
 from pd_serve.engine import EngineHost, drain_batches
 from pd_serve.errors import error_body
 from pd_serve.engine import KV_EVENTS_TOPIC
-from pd_serve.protocol import JSONReply, PrefillResult, ReplicaInfo, RequestKind, RoutingHint
+from pd_serve.phases import InFlight
+from pd_serve.protocol import (Accepted, DecodeTimeline, Head, JSONReply, PrefillResult, ReplicaInfo,
+                               RequestKind, RoutingHint)
 from scheduler import DeciderParams, KVEventSubscriber, PrefixIndex, decide
 
 logger = logging.getLogger(__name__)
@@ -168,6 +170,7 @@ class DecodeServer(_EngineReplica):
         self._prefill = prefill
         self._prefill_state: list[ReplicaInfo] = []
         await self._init(cfg, control)
+        self._stream_interval_s = self.cfg.ingress.stream_interval_ms / 1000
         r = self.cfg.router
         self._decider = DeciderParams(threshold_tokens=r.remote_prefill_min_tokens)
         # What this engine caches, from its own KV events: the decider's "uncached suffix".
@@ -218,7 +221,7 @@ class DecodeServer(_EngineReplica):
         return request.model_copy(update=update)
 
     async def _prefill_once(self, kind: RequestKind, preq: Any, hint: RoutingHint | None,
-                            request_id: str) -> tuple[PrefillResult | None, str, str | None]:
+                            request_id: str, marks: dict[str, float]) -> tuple[PrefillResult | None, str, str | None]:
         """One remote prefill. Returns (result, outcome, replica): outcome ``ok`` (result may
         still be a 4xx the client must see), ``unavailable`` (no replica within
         ``prefill_select_timeout_s``) or ``failed`` (replica died, engine error, timeout)."""
@@ -231,6 +234,7 @@ class DecodeServer(_EngineReplica):
                     kt.prefill_select_timeout_s)
             except asyncio.TimeoutError:
                 return None, "unavailable", None
+            marks["prefill_chosen"] = time.time()
             try:
                 res: PrefillResult = await asyncio.wait_for(
                     self._prefill.dispatch(selection, kind, preq, hint), kt.prefill_timeout_s)
@@ -250,7 +254,7 @@ class DecodeServer(_EngineReplica):
         return res, "ok", selection.replica_id
 
     async def _remote_prefill(self, kind: RequestKind, request: Any, hint: RoutingHint | None,
-                              failed: list[str]) -> tuple[PrefillResult | None, str]:
+                              failed: list[str], marks: dict[str, float]) -> tuple[PrefillResult | None, str]:
         """Ask the prefill tier. Returns (result, reason); result None means: prefill locally.
 
         A prefill replica is reserved first (Ray Serve's ``choose_replica``): if none frees up
@@ -266,7 +270,7 @@ class DecodeServer(_EngineReplica):
             routed = hint if not failed else (
                 msgspec.structs.replace(hint, exclude=list(failed)) if hint is not None
                 else RoutingHint(request.request_id, [], exclude=list(failed)))
-            res, outcome, replica = await self._prefill_once(kind, preq, routed, request.request_id)
+            res, outcome, replica = await self._prefill_once(kind, preq, routed, request.request_id, marks)
             if outcome == "ok":
                 return res, "prefill_retry" if retried else "remote"
             if outcome == "unavailable":
@@ -290,15 +294,57 @@ class DecodeServer(_EngineReplica):
 
     # -- the request path ---------------------------------------------------------------------
     async def generate(self, kind: RequestKind, request: Any,
-                       hint: RoutingHint | None = None) -> AsyncIterator[JSONReply | str]:
-        """Serve one OpenAI request. Yields one ``JSONReply`` (a full answer or an error), or
-        the SSE stream as strings, each holding every chunk that was ready.
+                       hint: RoutingHint | None = None) -> AsyncIterator[Accepted | Head | str]:
+        """Serve one OpenAI request.
+
+        Yields ``Accepted`` at once, then one ``Head`` whose ``item`` is the whole answer (a
+        ``JSONReply``: a response or an error) or the stream's first SSE text, then the rest of
+        the stream as strings, each holding every chunk that was ready (at most one string per
+        ``ingress.stream_interval_ms`` after the first). ``Head.timeline`` says when each step
+        happened (``pd_serve.phases``).
 
         Under ``failure_policy: retry_prefill`` a pull that fails before the first token (the
         decode engine runs with vLLM's ``kv_load_failure_policy: fail``) is retried: prefill
         again on another prefill replica, and once the retries are spent, on decode. Nothing
         has reached the client by then, so the retry is invisible to it except in latency.
         """
+        entered = time.time()
+        yield Accepted(entered)
+        marks: dict[str, float] = {}
+        stage = InFlight(m.REQUESTS_IN_FLIGHT, "first_token")
+        stream = None
+        finished = False
+        try:
+            api = "chat" if kind == "chat" else "completions"
+            answer = self._answer(kind, request, hint, marks, stage)
+            async for item in answer:
+                if isinstance(item, _First):
+                    stream, first = item.stream, item.item
+                    stage.move("streaming")
+                    timeline = DecodeTimeline(
+                        entered=entered, prefill_chosen=marks.get("prefill_chosen", 0.0),
+                        prefill_done=marks.get("prefill_done", 0.0), first_token=marks["first_token"],
+                        where=item.where)
+                    yield Head(timeline, first)
+                    if stream is None:
+                        finished = True
+                        return
+                else:
+                    yield item
+            finished = True
+        finally:
+            stage.close()
+            await answer.aclose()
+            if stream is not None:
+                if not finished:
+                    m.CLIENT_ABORTS.labels("decode").inc()
+                    await stream.aclose()
+                m.REQUESTS.labels(api, "ok" if finished else "aborted").inc()
+
+    async def _answer(self, kind: RequestKind, request: Any, hint: RoutingHint | None,
+                      marks: dict[str, float], stage: InFlight) -> AsyncIterator[Any]:
+        """The request path behind ``generate``: one ``_First`` (the whole answer, or the
+        stream and its first text), then the stream's further texts."""
         api = "chat" if kind == "chat" else "completions"
         kt = self.cfg.kv_transfer
         retry = kt.failure_policy == "retry_prefill"
@@ -309,13 +355,17 @@ class DecodeServer(_EngineReplica):
         while True:
             if where == "remote":
                 request.kv_transfer_params = None
-                res, got = await self._remote_prefill(kind, request, hint, failed)
+                stage.move("prefill_select")
+                res, got = await self._remote_prefill(kind, request, hint, failed, marks)
+                marks["prefill_done"] = time.time()
+                stage.move("first_token")
                 reason = reason if (got == "remote" and reason == "pull_retry") else got
                 if res is None:
                     where = "local"
                 elif res.status != 200:
                     m.REQUESTS.labels(api, "error").inc()
-                    yield JSONReply(res.status, res.error_body or b"")
+                    marks["first_token"] = time.time()
+                    yield _First(JSONReply(res.status, res.error_body or b""), None, where)
                     return
                 else:
                     request.kv_transfer_params = KVTransferParams.from_vllm(res.kv_transfer_params).to_vllm()
@@ -323,7 +373,8 @@ class DecodeServer(_EngineReplica):
             pulls = retry and where != "local"
 
             result = await self.host.create(kind, request)
-            stream = drain_batches(result) if hasattr(result, "__aiter__") else None
+            stream = (drain_batches(result, min_interval_s=self._stream_interval_s)
+                      if hasattr(result, "__aiter__") else None)
             head: list[str] = []
             if pulls and stream is not None:
                 head, pull_failed = await _stream_head(stream)
@@ -348,24 +399,31 @@ class DecodeServer(_EngineReplica):
 
         if hasattr(result, "error"):
             m.REQUESTS.labels(api, "error").inc()
-            yield JSONReply(*_error_json(result))
+            marks["first_token"] = time.time()
+            yield _First(JSONReply(*_error_json(result)), None, where)
             return
         if stream is None:
             m.REQUESTS.labels(api, "ok").inc()
-            yield JSONReply(200, result.model_dump_json().encode())
+            marks["first_token"] = time.time()
+            yield _First(JSONReply(200, result.model_dump_json().encode()), None, where)
             return
-        finished = False
-        try:
-            for batch in head:
-                yield batch
-            async for batch in stream:
-                yield "".join(batch)
-            finished = True
-        finally:
-            if not finished:
-                m.CLIENT_ABORTS.labels("decode").inc()
-                await stream.aclose()
-            m.REQUESTS.labels(api, "ok" if finished else "aborted").inc()
+        if not head:
+            try:
+                head = ["".join(await stream.__anext__())]
+            except StopAsyncIteration:
+                head = [""]
+        marks["first_token"] = time.time()
+        yield _First("".join(head), stream, where)
+        async for batch in stream:
+            yield "".join(batch)
+
+
+class _First(msgspec.Struct):
+    """``DecodeServer._answer``'s first item: the answer or the stream's first text."""
+
+    item: JSONReply | str
+    stream: Any
+    where: str
 
 
 async def _stream_head(stream: AsyncIterator[list[str]]) -> tuple[list[str], bool]:

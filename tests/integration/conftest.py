@@ -110,12 +110,14 @@ def wait_idle(url: str, timeout: float = 30.0, engines: int = 2) -> Scrape:
     while True:
         s = Scrape.get(url)
         busy = (s.sum("vllm:num_requests_running") + s.sum("vllm:num_requests_waiting")
-                + s.sum("vllm:kv_cache_usage_perc") + s.sum("pd_serve_kv_blocks_awaiting_pull"))
+                + s.sum("vllm:kv_cache_usage_perc") + s.sum("pd_serve_kv_blocks_awaiting_pull")
+                + s.sum("pd_serve_requests_in_flight"))
         if busy == 0 and len(s.values("vllm:kv_cache_usage_perc")) >= engines:
             return s
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"engines not idle after {timeout}s: running={s.values('vllm:num_requests_running')} "
                 f"waiting={s.values('vllm:num_requests_waiting')} kv={s.values('vllm:kv_cache_usage_perc')} "
-                f"awaiting_pull={s.values('pd_serve_kv_blocks_awaiting_pull')}")
+                f"awaiting_pull={s.values('pd_serve_kv_blocks_awaiting_pull')} "
+                f"in_flight={s.values('pd_serve_requests_in_flight')}")
         time.sleep(0.5)

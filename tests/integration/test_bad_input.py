@@ -16,6 +16,11 @@ BAD = [
      {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400),
     ("prompt_too_long", "/v1/completions",
      {"model": "tiny-llama", "prompt": cases.text(1500, 7), "max_tokens": 4}, 400),
+    # over ingress.offload_body_bytes (32 KiB): parsed and tokenized on the ingress's worker thread
+    ("large_prompt_offloaded", "/v1/completions",
+     {"model": "tiny-llama", "prompt": cases.text(8000, 8), "max_tokens": 4}, 400),
+    ("large_chat_offloaded", "/v1/chat/completions",
+     {"model": "tiny-llama", "messages": [{"role": "user", "content": cases.text(8000, 9)}], "max_tokens": 4}, 400),
     ("wrong_type_prompt", "/v1/completions", {"model": "tiny-llama", "prompt": 5}, 400),
     ("wrong_type_temperature", "/v1/chat/completions",
      {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400),
@@ -38,4 +43,23 @@ def test_bad_input_is_a_4xx_in_openai_shape(name, path, body, status, pd_url: st
     # still serving, and nothing left held by the rejected request
     ok = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "still up", "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    wait_idle(pd_url)
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read_whole(pd_url: str, client: httpx.Client) -> None:
+    """ingress.max_body_bytes (8 MiB by default): refused from Content-Length, and from the
+    bytes counted when the client streams the body without one."""
+    big = b'{"model": "tiny-llama", "prompt": "' + b"a" * (9 * 2**20) + b'"}'
+    r = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text[:200]
+    err = r.json()["error"]
+    assert err["code"] == 413 and "max_body_bytes" in err["message"] and err["type"]
+
+    def chunks():
+        for i in range(0, len(big), 2**20):
+            yield big[i:i + 2**20]
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+    ok = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "still up", "max_tokens": 2})
+    assert ok.status_code == 200
     wait_idle(pd_url)

@@ -71,6 +71,36 @@ def test_aborted_stream_frees_both_engines(pd_url: str, client: httpx.Client) ->
     assert 0 < gen < 900
 
 
+PHASES = ("parse", "render", "to_decode", "prefill_select", "prefill", "decode_first_token", "to_client")
+
+
+def test_phases_of_a_request_add_up_to_its_time_to_first_byte(pd_url: str, client: httpx.Client) -> None:
+    """pd_serve_phase_seconds: one observation per phase for a remotely prefilled stream, and
+    the phases together account for the client's time to first token (the ingress cannot see
+    the Serve proxy's and the client's own share, so they are at most that, and most of it)."""
+    import time
+
+    before = wait_idle(pd_url)
+    body = {"model": "tiny-llama", "prompt": cases.text(300, 21), "max_tokens": 8, "temperature": 0,
+            "stream": True}
+    t0 = time.perf_counter()
+    ttft = None
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if ttft is None and line.startswith("data: "):
+                ttft = time.perf_counter() - t0
+    after = wait_idle(pd_url)
+    counts = {p: after.sum("pd_serve_phase_seconds_count", phase=p)
+              - before.sum("pd_serve_phase_seconds_count", phase=p) for p in PHASES}
+    assert counts == {p: 1 for p in PHASES}, counts
+    total = sum(after.sum("pd_serve_phase_seconds_sum", phase=p)
+                - before.sum("pd_serve_phase_seconds_sum", phase=p) for p in PHASES)
+    assert 0.5 * ttft <= total <= ttft, (total, ttft)
+    assert (after.sum("pd_serve_phase_seconds_sum", phase="prefill")
+            - before.sum("pd_serve_phase_seconds_sum", phase="prefill")) > 0
+
+
 def test_engines_idle_after_all_requests(pd_url: str) -> None:
     s = wait_idle(pd_url)
     assert s.values("vllm:num_requests_running", tier="decode") == [0.0]

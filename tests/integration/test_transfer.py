@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from tests.integration import cases
 from tests.integration.conftest import wait_idle
 from kv_transfer import KVTransferParams
+from pd_serve.protocol import answer_items
 from tests.support.metrics import Scrape
 
 CASE = cases.ORPHAN
@@ -76,7 +77,7 @@ def test_pull_from_a_dead_prefill_recomputes_on_decode_with_identical_tokens(
     before = Scrape.get(pd_url)
     req = CompletionRequest(**{**CASE.body, "prompt": ids, "request_id": "orphaned-1",
                                "kv_transfer_params": res.kv_transfer_params})
-    out = [x for x in decode.options(stream=True).generate.remote("completion", req, None)]
+    out = answer_items(decode.options(stream=True).generate.remote("completion", req, None))
     assert len(out) == 1 and isinstance(out[0], JSONReply) and out[0].status == 200, out
     import json
 
@@ -109,7 +110,7 @@ def test_failed_pull_under_fail_policy_is_a_clear_error_not_a_silent_recompute(a
     before = Scrape.get(url)
     req = CompletionRequest(**{**CASE.body, "prompt": ids, "request_id": "orphaned-2",
                                "kv_transfer_params": res.kv_transfer_params})
-    out = [x for x in decode.options(stream=True).generate.remote("completion", req, None)]
+    out = answer_items(decode.options(stream=True).generate.remote("completion", req, None))
     assert len(out) == 1 and isinstance(out[0], JSONReply), out
     import json
 
@@ -175,7 +176,7 @@ def test_failed_pull_under_retry_policy_prefills_again_on_another_replica(
     body = {**CASE.body, "prompt": ids, "request_id": rid, "kv_transfer_params": res.kv_transfer_params}
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
-    out = [x for x in decode.options(stream=True).generate.remote("completion", CompletionRequest(**body), None)]
+    out = answer_items(decode.options(stream=True).generate.remote("completion", CompletionRequest(**body), None))
     if stream:
         assert all(isinstance(x, str) for x in out), out
         token_ids = _stream_token_ids(out)
