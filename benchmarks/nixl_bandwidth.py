@@ -53,22 +53,20 @@ handler").
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
 import types
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+
+from benchmarks import harness
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -459,35 +457,6 @@ def summarize_memcpy(cases: list[dict[str, Any]], passes: list[dict[str, Any]]) 
     return out
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_kib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_kib = int(line.split()[1])
-    except OSError:
-        pass
-    return dict(platform=platform.platform(), python=platform.python_version(), cpu_model=cpu,
-                nproc=os.cpu_count(), affinity=sorted(os.sched_getaffinity(0)),
-                mem_total_gib=round(mem_kib / 2**20, 1) if mem_kib else None)
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-    except Exception:
-        return ""
-
-
 def print_table(result: dict[str, Any]) -> str:
     cfgs = list(result["nixl"])
     head = ["case", "desc", "n", "MiB"] + [f"NIXL {c} GB/s" for c in cfgs] + \
@@ -579,9 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ucx_tls:
         env["UCX_TLS"] = args.ucx_tls
     cases = build_cases(args.n_desc, args.layout)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result: dict[str, Any] = dict(
-        timestamp_utc=stamp, git_sha=git_sha(), machine=machine_info(),
+    stamp = harness.utc_stamp()
+    result = harness.envelope(
+        "nixl_bandwidth", stamp,
         loadavg_start=list(os.getloadavg()),
         config=dict(iters=args.iters, warmup=args.warmup, n_desc=args.n_desc, seed=args.seed,
                     configs={c: CONFIGS[c] for c in configs}, quick=args.quick,
@@ -638,11 +607,8 @@ def main(argv: list[str] | None = None) -> int:
           f"loadavg {result['loadavg_start'][0]:.1f} -> {result['loadavg_end'][0]:.1f}; "
           f"wall {result['wall_s']} s")
     jpath = out_dir / f"nixl_bandwidth_{stamp}.json"
-    jpath.write_text(json.dumps(result, indent=1))
-    ppath = out_dir / f"nixl_bandwidth_{stamp}.png"
-    plot(result, ppath)
-    print(f"wrote {jpath.relative_to(REPO) if jpath.is_relative_to(REPO) else jpath}\n"
-          f"      {ppath.relative_to(REPO) if ppath.is_relative_to(REPO) else ppath}")
+    ppath = harness.write_result(result, jpath, plot)
+    print(f"wrote {harness.rel(jpath)}" + (f"\n      {harness.rel(ppath)}" if ppath else ""))
     for c, e in result["failed"].items():
         print(f"FAILED config {c}: {e}")
     return 0 if not bad and not result["failed"] else 1

@@ -18,7 +18,6 @@ Writes ``benchmarks/results/prefix_routing_<UTC>.json`` (git sha, config, machin
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import subprocess
@@ -29,13 +28,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.serving_bench import _git, _machine, machine_lock, run_load
+from benchmarks import harness
+from benchmarks.harness import Scrape, load_app_args, machine_lock, pd_serve_app, run_load
 from pd_serve.tiny_model import resolve_model
-from tests.support.metrics import Scrape
-from tests.support.servers import load_app_args, pd_serve_app
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = harness.RESULTS_DIR
 PORT = 8200
 
 
@@ -108,15 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     spec = load(a.prompts, a.rate, a.prefixes, a.prefix_len)
     policies = a.policies.split(",")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d_%H%M%S")
+    stamp = harness.utc_stamp()
     log_path = RESULTS / f"prefix_routing_{stamp}.log"
-    report: dict[str, Any] = {
-        "benchmark": "prefix_routing", "git": _git(), "machine": _machine(),
-        "config": {"load": spec, "blocks_per_engine": a.blocks, "block_size": 32, "decode_replicas": 2,
-                   "policies": policies, "model": a.model,
-                   "app_args": {p: app_args(p, a.blocks, a.model) for p in policies}},
-        "results": {},
-    }
+    report = harness.envelope(
+        "prefix_routing", stamp,
+        {"load": spec, "blocks_per_engine": a.blocks, "block_size": 32, "decode_replicas": 2,
+         "policies": policies, "model": a.model, "app_args": {p: app_args(p, a.blocks, a.model) for p in policies}},
+        results={})
     with machine_lock(print) as how:
         print(f"machine lock {how}")
         for policy in tqdm(policies, desc="policies", file=sys.stdout):
@@ -147,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             "round_robin/prefix_aware p90_ttft_ms", 0) >= 3}
         print(json.dumps(report["ratios"], indent=1), json.dumps(report["target"]))
     out = RESULTS / f"prefix_routing_{stamp}.json"
-    out.write_text(json.dumps(report, indent=1))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    png = harness.write_result(report, out, plot)
+    print(f"wrote {harness.rel(out)}" + (f" and {png.name}" if png else ""))
     return 0
 
 

@@ -26,7 +26,7 @@ model (sequential prefill at ``--prefill-tps``, decode ``--tpot-s`` per output t
 Hit rate = prompt tokens served from cache / prompt tokens (a prompt's last token is always
 computed, as in vLLM). The replay runs at every ``--capacities`` value, plus once "loaded"
 (``--loaded-prefill-tps``: queues of tens of seconds) to check that affinity survives queueing.
-Writes ``benchmarks/results/routing_<timestamp>.json`` and ``.png``.
+Writes ``benchmarks/results/routing_<UTC>.json`` (the harness envelope) and ``.png``.
 
     .venv/bin/python benchmarks/routing_bench.py                 # both scenarios
     .venv/bin/python benchmarks/routing_bench.py --scenario replay --capacities 1000
@@ -38,11 +38,8 @@ import argparse
 import gc
 import heapq
 import json
-import os
-import platform
 import random
 import resource
-import subprocess
 import sys
 import time
 from collections import Counter, OrderedDict, deque
@@ -56,6 +53,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import harness  # noqa: E402
 from scheduler import (  # noqa: E402
     KVEventSubscriber,
     NoEligibleWorker,
@@ -557,41 +555,6 @@ def bench_replay(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------- output
 
 
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_dirty() -> bool | None:
-    """Whether scheduler/ or this benchmark differ from HEAD (results then describe uncommitted code)."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--", "scheduler", "benchmarks/routing_bench.py"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -709,25 +672,17 @@ def main(argv: list[str] | None = None) -> int:
         args.policies.append("oracle")
 
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result: dict[str, Any] = {
-        "git_sha": git_sha(),
-        "git_dirty": git_dirty(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": config,
-        "machine": machine(),
-    }
+    stamp = harness.utc_stamp()
+    # dirty: only when what this benchmark measures (scheduler/, the benchmark) differs from HEAD
+    result = harness.envelope("routing", stamp, config, git_paths=["scheduler", "benchmarks/routing_bench.py"])
     if args.scenario in ("all", "throughput"):
         result["throughput"] = [bench_throughput(n, args) for n in args.workers]
     if args.scenario in ("all", "replay"):
         result["replay"] = bench_replay(args)
     print_tables(result)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"routing_{time.strftime('%Y%m%d_%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {stem.with_suffix('.json')}")
-    if not args.no_plot:
-        plot(result, stem.with_suffix(".png"))
-        print(f"wrote {stem.with_suffix('.png')}")
+    path = args.out_dir / f"routing_{stamp}.json"
+    png = harness.write_result(result, path, None if args.no_plot else plot)
+    print(f"\nwrote {harness.rel(path)}" + (f" and {png.name}" if png else ""))
     return 0
 
 

@@ -47,7 +47,6 @@ import subprocess
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +60,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import httpx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.serving_bench import _describe, _git, _machine, engines_to_myself, ray_stop, wait_gone  # noqa: E402
-from tests.support.metrics import Scrape  # noqa: E402
-from tests.support.servers import load_app_args, pd_serve_app  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import Scrape, engines_to_myself, load_app_args, pd_serve_app  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = harness.RESULTS_DIR
 PORT = 8300
-SERVED = "tiny-llama"
+SERVED = harness.SERVED_NAME
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 QUICK_LENGTHS = (256, 1024, 4096)
 FIRST_ID = 5          # ids 0-4 are the tokenizer's specials
@@ -472,30 +470,24 @@ def main(argv: list[str] | None = None) -> int:
     if need > a.kv_gib * 2**30 // 2:
         raise SystemExit(f"KV cache of {a.kv_gib} GiB is too small for {max(a.lengths)} tokens "
                          f"({need / 2**20:.0f} MiB each); raise --kv-gib")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    a.out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = harness.utc_stamp()
     json_path = a.out_dir / f"ttft_breakdown_{stamp}.json"
 
     def _sigterm(*_: Any) -> None:  # SIGTERM behaves like Ctrl-C: the finally-blocks stop the app
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _sigterm)
-    report: dict[str, Any] = {
-        "benchmark": "ttft_breakdown", "timestamp_utc": stamp, "git": _git(), "machine": _machine(),
-        "config": {
-            "model": a.model, "model_dir": model_dir, "lengths": a.lengths, "requests": a.requests,
-            "max_tokens": a.max_tokens, "warmup": a.warmup, "seed": a.seed, "quick": a.quick,
-            "kv_bytes_per_token": kv_tok, "app_args": args,
-            "client": "httpx, streamed /v1/completions, prompt = list of random token ids (distinct first "
-                      "token per prompt), temperature 0, ignore_eos; one request at a time; TTFT = first "
-                      "SSE chunk with choices",
-            "method": "per request: /metrics scraped before and after (after waits until the request's "
-                      "histograms moved); per length: means from histogram sum/count deltas over the "
-                      "sequential batch, p50 over per-request deltas",
-        },
-        "lengths": [],
-        "notes": [],
-    }
+    report = harness.envelope("ttft_breakdown", stamp, {
+        "model": a.model, "model_dir": model_dir, "lengths": a.lengths, "requests": a.requests,
+        "max_tokens": a.max_tokens, "warmup": a.warmup, "seed": a.seed, "quick": a.quick,
+        "kv_bytes_per_token": kv_tok, "app_args": args,
+        "client": "httpx, streamed /v1/completions, prompt = list of random token ids (distinct first "
+                  "token per prompt), temperature 0, ignore_eos; one request at a time; TTFT = first "
+                  "SSE chunk with choices",
+        "method": "per request: /metrics scraped before and after (after waits until the request's "
+                  "histograms moved); per length: means from histogram sum/count deltas over the "
+                  "sequential batch, p50 over per-request deltas",
+    }, lengths=[], notes=[])
     t_run = time.monotonic()
     prompts = Prompts(a.seed)
     bar = tqdm(total=a.warmup + len(a.lengths) * (1 + a.requests), desc="ttft breakdown", unit="req",
@@ -515,20 +507,18 @@ def main(argv: list[str] | None = None) -> int:
                         report["notes"].append(f"pd_serve may not be imported from {ROOT}: {where}")
                     _measure(a, url, prompts, report, bar, log)
             finally:
-                report["leftovers_after_stop"] = _cleanup(log)
+                report["leftovers_after_stop"] = harness.clean_up_leftovers(log, mine=set())
     except KeyboardInterrupt:
         report["notes"].append("interrupted")
         log("interrupted")
     finally:
         bar.close()
         report["wall_s"] = round(time.monotonic() - t_run, 1)
-        json_path.write_text(json.dumps(report, indent=1) + "\n")
-        with contextlib.suppress(Exception):
-            plot(report, json_path.with_suffix(".png"))
+        png = harness.write_result(report, json_path, plot)
     print(table(report))
     for n in report["notes"]:
         print("note:", n)
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')} ({report['wall_s']} s)")
+    print(f"wrote {harness.rel(json_path)}" + (f" and {png.name}" if png else "") + f" ({report['wall_s']} s)")
     bad = [x for x in report["lengths"] if "error" in x or x.get("flags")]
     return 1 if bad or "interrupted" in report["notes"] else 0
 
@@ -589,19 +579,6 @@ def _measure(a: argparse.Namespace, url: str, prompts: Prompts, report: dict[str
                 bar.update(a.requests)
                 time.sleep(2)
                 prev = Scrape.get(url)
-
-
-def _cleanup(log: Any) -> list[str]:
-    """After the app is shut down: wait for its processes to go; force-stop Ray if any remain.
-
-    This run holds the machine lock and checked that nothing ran before it started, so whatever
-    is left is this run's.
-    """
-    if (left := wait_gone(30)):
-        log(f"leftovers after shutdown: {_describe(left)}; running `ray stop --force`")
-        ray_stop()
-        left = wait_gone(20)
-    return _describe(left)
 
 
 if __name__ == "__main__":

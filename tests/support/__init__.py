@@ -1,1 +1,1 @@
-"""Helpers shared by integration tests and benchmarks: real servers, real clients."""
+"""Helpers for the integration tests: real servers, real clients (shared parts live in benchmarks/harness.py)."""
