@@ -24,7 +24,8 @@ Three upstream behaviours are corrected (both measured on a 2-core host, see REA
    that is four spinners on the cores the engines' compute and the serving processes need:
    measured here, both workers sat at 80-87 % of a core at 13 requests/s while their engines
    were idle most of the time. We keep vLLM's polling window but sleep
-   ``PD_SERVE_SHM_POLL_US`` (default 200 µs) between polls instead of yielding. (Shortening
+   ``PD_SERVE_SHM_POLL_US`` (default 200 µs; 0 keeps vLLM's spin) between polls instead of
+   yielding. (Shortening
    the window instead, so that readers wait on the buffer's ZMQ notification, stalled
    requests for seconds here: that notification is not reliable enough to rely on alone.)
 
