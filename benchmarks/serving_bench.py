@@ -464,9 +464,10 @@ def engine_side(before: Scrape | None, after: Scrape | None) -> dict[str, Any] |
 def phases(before: Scrape | None, after: Scrape | None, client_ttft_mean_ms: float | None) -> dict[str, Any] | None:
     """pd_serve's phase histogram over one load, and whether the TTFT phases add up to the client's TTFT.
 
-    Per phase: ``mean_ms`` (over the phase's own observations) and ``per_request_ms`` (its total
-    time over the number of requests, the largest count of any phase); a phase that only some
-    requests pass through (e.g. a remote prefill) then weighs by how many did. The check sums
+    Per phase: the deltas ``n`` and ``sum_s``, ``mean_ms`` (over the phase's own observations)
+    and ``per_request_ms`` (its total time over the number of requests, the largest count of
+    any phase); a phase that only some requests pass through (e.g. a remote prefill) then
+    weighs by how many did. The check sums
     ``per_request_ms`` over the phases in TTFT_PHASES that are present. None when the server
     has no such histogram (yet).
     """
@@ -476,8 +477,8 @@ def phases(before: Scrape | None, after: Scrape | None, client_ttft_mean_ms: flo
     if not d:
         return None
     requests = max(n for _, n in d.values())
-    per = {p: {"n": int(n), "mean_ms": round(1000 * s / n, 2), "per_request_ms": round(1000 * s / requests, 2)}
-           for p, (s, n) in d.items()}
+    per = {p: {"n": int(n), "sum_s": round(s, 4), "mean_ms": round(1000 * s / n, 2),
+               "per_request_ms": round(1000 * s / requests, 2)} for p, (s, n) in d.items()}
     total = sum(v["per_request_ms"] for p, v in per.items() if p in TTFT_PHASES)
     ratio = None if not client_ttft_mean_ms else round(total / client_ttft_mean_ms, 3)
     return {"per_phase": per, "requests": int(requests), "ttft_phase_sum_ms": round(total, 2),
