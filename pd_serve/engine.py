@@ -261,7 +261,7 @@ async def drain_batches(agen, max_items: int = 64, min_interval_s: float = 0.0):
                     break
                 item = q.get_nowait()
             if batch:
-                sent = loop.time()
+                sent = loop.time() if min_interval_s > 0 else 0.0
                 yield batch
                 if min_interval_s > 0 and item is None and not ended.is_set():
                     wait = sent + min_interval_s - loop.time()

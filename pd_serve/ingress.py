@@ -71,13 +71,12 @@ class _Families:
 class _Timing:
     """One request's ingress-side stamps (``time.time()``) and decode's ``Head``."""
 
-    __slots__ = ("request_id", "kind", "received", "parsed", "rendered", "head", "observed")
+    __slots__ = ("request_id", "kind", "received", "parsed", "rendered", "head")
 
     def __init__(self, request_id: str, kind: str, received: float, parsed: float, rendered: float,
                  head: Head) -> None:
         self.request_id, self.kind = request_id, kind
         self.received, self.parsed, self.rendered, self.head = received, parsed, rendered, head
-        self.observed = False
 
 
 def _merge(pages: list[tuple[Any, str]]) -> bytes:
@@ -266,7 +265,8 @@ class Ingress:
             if isinstance(first, JSONReply):
                 if first.status >= 400:
                     m.INGRESS_ERRORS.labels(str(first.status)).inc()
-                self._record(timing, time.time(), done=True)
+                first_byte = time.time()
+                self._trace(timing, self._observe(timing, first_byte), first_byte)
                 return Response(first.body, status_code=first.status, media_type="application/json")
             handed_over = True
             return StreamingResponse(self._stream(first, gen, timing, stage), media_type="text/event-stream")
@@ -285,23 +285,23 @@ class Ingress:
             raise TypeError(f"decode answered {type(item).__name__}, not Head")
         return item
 
-    def _record(self, t: "_Timing", first_byte: float, done: bool, end: float | None = None) -> None:
-        """Observe the phases once, at the first byte; export the trace once, at the end."""
+    @staticmethod
+    def _observe(t: "_Timing", first_byte: float) -> list[tuple[str, float, float]]:
+        """Record the request's phases up to ``first_byte``; returns them for ``_trace``."""
         chain = phases(t.received, t.parsed, t.rendered, t.head.timeline, first_byte)
-        if not t.observed:
-            t.observed = True
-            for name, start, stop in chain:
-                m.PHASE_SECONDS.labels(name).observe(stop - start)
-        if done and self._tracer is not None:
-            self._tracer.request(t.request_id, t.kind, chain, end or first_byte,
-                                 {"pd_serve.prefill": t.head.timeline.where})
+        for name, start, stop in chain:
+            m.PHASE_SECONDS.labels(name).observe(stop - start)
+        return chain
+
+    def _trace(self, t: "_Timing", chain: list[tuple[str, float, float]], end: float) -> None:
+        """Export the request as spans, once it has ended (only with ``ingress.otlp_endpoint``)."""
+        if self._tracer is not None:
+            self._tracer.request(t.request_id, t.kind, chain, end, {"pd_serve.prefill": t.head.timeline.where})
 
     async def _stream(self, first: str, gen: Any, timing: "_Timing", stage: InFlight) -> AsyncIterator[str]:
         stage.move("streaming")
-        first_byte = 0.0
+        chain = self._observe(timing, time.time())
         try:
-            first_byte = time.time()
-            self._record(timing, first_byte, done=False)
             yield first
             async for chunk in gen:
                 yield chunk
@@ -313,8 +313,7 @@ class Ingress:
         finally:
             stage.close()
             gen.cancel()  # no-op when finished; aborts decode (and prefill) on disconnect
-            if first_byte:
-                self._record(timing, first_byte, done=True, end=time.time())
+            self._trace(timing, chain, time.time())
 
     # -- routes -----------------------------------------------------------------------------
     @app.post("/v1/completions")

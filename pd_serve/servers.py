@@ -310,116 +310,110 @@ class DecodeServer(_EngineReplica):
         """
         entered = time.time()
         yield Accepted(entered)
+        api = "chat" if kind == "chat" else "completions"
         marks: dict[str, float] = {}
         stage = InFlight(m.REQUESTS_IN_FLIGHT, "first_token")
         stream = None
         finished = False
         try:
-            api = "chat" if kind == "chat" else "completions"
-            answer = self._answer(kind, request, hint, marks, stage)
-            async for item in answer:
-                if isinstance(item, _First):
-                    stream, first = item.stream, item.item
-                    stage.move("streaming")
-                    timeline = DecodeTimeline(
-                        entered=entered, prefill_chosen=marks.get("prefill_chosen", 0.0),
-                        prefill_done=marks.get("prefill_done", 0.0), first_token=marks["first_token"],
-                        where=item.where)
-                    yield Head(timeline, first)
-                    if stream is None:
-                        finished = True
-                        return
-                else:
-                    yield item
+            first = await self._answer(kind, request, hint, api, marks, stage)
+            stream = first.stream
+            timeline = DecodeTimeline(
+                entered=entered, prefill_chosen=marks.get("prefill_chosen", 0.0),
+                prefill_done=marks.get("prefill_done", 0.0), first_token=time.time(), where=first.where)
+            stage.move("streaming")
+            yield Head(timeline, first.item)
+            if stream is not None:
+                async for batch in stream:
+                    yield "".join(batch)
             finished = True
         finally:
             stage.close()
-            await answer.aclose()
             if stream is not None:
                 if not finished:
                     m.CLIENT_ABORTS.labels("decode").inc()
                     await stream.aclose()
                 m.REQUESTS.labels(api, "ok" if finished else "aborted").inc()
 
-    async def _answer(self, kind: RequestKind, request: Any, hint: RoutingHint | None,
-                      marks: dict[str, float], stage: InFlight) -> AsyncIterator[Any]:
-        """The request path behind ``generate``: one ``_First`` (the whole answer, or the
-        stream and its first text), then the stream's further texts."""
-        api = "chat" if kind == "chat" else "completions"
+    async def _answer(self, kind: RequestKind, request: Any, hint: RoutingHint | None, api: str,
+                      marks: dict[str, float], stage: InFlight) -> "_First":
+        """The request path behind ``generate`` up to the first output: the whole answer, or
+        the open stream and its first text. A stream opened here is closed if this is
+        cancelled (client gone) before it is handed over."""
         kt = self.cfg.kv_transfer
         retry = kt.failure_policy == "retry_prefill"
         failed: list[str] = []  # prefill replicas that failed this request: one retry each
         # A trusted caller may hand over KV prefilled elsewhere (the ingress refuses these from
         # clients); then decode only pulls.
         where, reason = ("external", "preset") if request.kv_transfer_params else self._decide(hint)
-        while True:
-            if where == "remote":
-                request.kv_transfer_params = None
-                stage.move("prefill_select")
-                res, got = await self._remote_prefill(kind, request, hint, failed, marks)
-                marks["prefill_done"] = time.time()
-                stage.move("first_token")
-                reason = reason if (got == "remote" and reason == "pull_retry") else got
-                if res is None:
-                    where = "local"
-                elif res.status != 200:
-                    m.REQUESTS.labels(api, "error").inc()
-                    marks["first_token"] = time.time()
-                    yield _First(JSONReply(res.status, res.error_body or b""), None, where)
-                    return
-                else:
-                    request.kv_transfer_params = KVTransferParams.from_vllm(res.kv_transfer_params).to_vllm()
-            m.PREFILL_DECISIONS.labels(where, reason).inc()
-            pulls = retry and where != "local"
+        stream = None
+        try:
+            while True:
+                if where == "remote":
+                    request.kv_transfer_params = None
+                    stage.move("prefill_select")
+                    res, got = await self._remote_prefill(kind, request, hint, failed, marks)
+                    marks["prefill_done"] = time.time()
+                    stage.move("first_token")
+                    reason = reason if (got == "remote" and reason == "pull_retry") else got
+                    if res is None:
+                        where = "local"
+                    elif res.status != 200:
+                        m.REQUESTS.labels(api, "error").inc()
+                        return _First(JSONReply(res.status, res.error_body or b""), None, where)
+                    else:
+                        request.kv_transfer_params = KVTransferParams.from_vllm(res.kv_transfer_params).to_vllm()
+                m.PREFILL_DECISIONS.labels(where, reason).inc()
+                pulls = retry and where != "local"
 
-            result = await self.host.create(kind, request)
-            stream = (drain_batches(result, min_interval_s=self._stream_interval_s)
-                      if hasattr(result, "__aiter__") else None)
-            head: list[str] = []
-            if pulls and stream is not None:
-                head, pull_failed = await _stream_head(stream)
-            else:
-                pull_failed = pulls and hasattr(result, "error") and result.error.code >= 500
-            if pull_failed:
-                if stream is not None:
-                    await stream.aclose()
-                source = self._prefill_replica_of(request.kv_transfer_params)
-                logger.warning("request %s: KV pull from %s failed before the first token", request.request_id, source)
-                if self._prefill is None:  # KV handed over by a caller, and no prefill tier here
-                    where, reason = "local", "pull_failed"
-                elif len(failed) < kt.prefill_retries:
-                    failed.append(source)
-                    m.PREFILL_RETRIES.labels("pull").inc()
-                    where, reason = "remote", "pull_retry"
+                result = await self.host.create(kind, request)
+                stream = (drain_batches(result, min_interval_s=self._stream_interval_s)
+                          if hasattr(result, "__aiter__") else None)
+                head: list[str] = []
+                if pulls and stream is not None:
+                    head, pull_failed = await _stream_head(stream)
                 else:
-                    where, reason = "local", "retries_exhausted"
-                request.kv_transfer_params = None
-                continue
-            break
+                    pull_failed = pulls and hasattr(result, "error") and result.error.code >= 500
+                if pull_failed:
+                    if stream is not None:
+                        await stream.aclose()
+                        stream = None
+                    source = self._prefill_replica_of(request.kv_transfer_params)
+                    logger.warning("request %s: KV pull from %s failed before the first token",
+                                   request.request_id, source)
+                    if self._prefill is None:  # KV handed over by a caller, and no prefill tier here
+                        where, reason = "local", "pull_failed"
+                    elif len(failed) < kt.prefill_retries:
+                        failed.append(source)
+                        m.PREFILL_RETRIES.labels("pull").inc()
+                        where, reason = "remote", "pull_retry"
+                    else:
+                        where, reason = "local", "retries_exhausted"
+                    request.kv_transfer_params = None
+                    continue
+                break
 
-        if hasattr(result, "error"):
-            m.REQUESTS.labels(api, "error").inc()
-            marks["first_token"] = time.time()
-            yield _First(JSONReply(*_error_json(result)), None, where)
-            return
-        if stream is None:
-            m.REQUESTS.labels(api, "ok").inc()
-            marks["first_token"] = time.time()
-            yield _First(JSONReply(200, result.model_dump_json().encode()), None, where)
-            return
-        if not head:
-            try:
-                head = ["".join(await stream.__anext__())]
-            except StopAsyncIteration:
-                head = [""]
-        marks["first_token"] = time.time()
-        yield _First("".join(head), stream, where)
-        async for batch in stream:
-            yield "".join(batch)
+            if hasattr(result, "error"):
+                m.REQUESTS.labels(api, "error").inc()
+                return _First(JSONReply(*_error_json(result)), None, where)
+            if stream is None:
+                m.REQUESTS.labels(api, "ok").inc()
+                return _First(JSONReply(200, result.model_dump_json().encode()), None, where)
+            if not head:
+                try:
+                    head = ["".join(await stream.__anext__())]
+                except StopAsyncIteration:
+                    head = [""]
+            return _First("".join(head), stream, where)
+        except BaseException:
+            if stream is not None:
+                await stream.aclose()
+            raise
 
 
 class _First(msgspec.Struct):
-    """``DecodeServer._answer``'s first item: the answer or the stream's first text."""
+    """What ``DecodeServer._answer`` returns: the answer, or the stream's first text and the
+    open stream (None for a whole answer)."""
 
     item: JSONReply | str
     stream: Any
