@@ -109,9 +109,10 @@ def envelope(benchmark: str, stamp: str, config: dict[str, Any], git_paths: list
 
 
 def rel(path: str | Path) -> str:
-    """``path`` relative to the clone when it lies inside it, else unchanged."""
+    """``path`` relative to the clone when it lies inside it or beside it (``../shared``),
+    else unchanged."""
     p = Path(path)
-    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else str(p)
+    return os.path.relpath(p, ROOT) if p.is_absolute() and p.is_relative_to(ROOT.parent) else str(p)
 
 
 def scrub(obj: Any) -> Any:

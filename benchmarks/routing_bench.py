@@ -71,7 +71,7 @@ from scheduler.events import (  # noqa: E402
     encode_batch,
 )
 
-DEFAULT_TRACE = Path("/work/shared/traces/mooncake_synthetic_trace.jsonl")
+DEFAULT_TRACE = harness.ROOT.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"  # ../shared
 TRACE_BLOCK = 512
 VOCAB = 32000
 
@@ -544,7 +544,7 @@ def bench_replay(args: argparse.Namespace) -> dict[str, Any]:
         res["vs_oracle"] = res["hit_rate"] / oracle["hit_rate"] if oracle["hit_rate"] else float("nan")
         res["vs_upper_bound"] = res["hit_rate"] / ub
     return {
-        "trace": str(args.trace),
+        "trace": harness.rel(args.trace),
         "requests": len(reqs),
         "unique_blocks": n_ids,
         "upper_bound_hit_rate": ub,
