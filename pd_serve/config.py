@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kv_transfer import BACKENDS
+from pd_serve.engine_args import check_engine_args
 
 # Engine args that pd_serve owns: setting them per tier would break the P/D contract.
 _RESERVED_ENGINE_ARGS = {
@@ -76,6 +77,7 @@ class TierConfig(_Strict):
         for k in self.engine_args:
             if k in _RESERVED_ENGINE_ARGS:
                 raise ValueError(f"engine_args.{k} is managed by pd_serve: {_RESERVED_ENGINE_ARGS[k]}")
+        check_engine_args(self.engine_args)
         return self
 
     @property
@@ -187,6 +189,7 @@ class AppConfig(_Strict):
         for k in self.engine_args:
             if k in _RESERVED_ENGINE_ARGS:
                 raise ValueError(f"engine_args.{k} is managed by pd_serve: {_RESERVED_ENGINE_ARGS[k]}")
+        check_engine_args(self.engine_args)
         for tier in ("prefill", "decode"):
             t = getattr(self, tier)
             if self.device == "cpu" and (t.num_gpus_per_worker or t.accelerator_type):

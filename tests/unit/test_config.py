@@ -85,3 +85,42 @@ def test_readme_config_reference_matches_the_code() -> None:
     start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
     table = readme[readme.index(start) + len(start):readme.index(end)]
     assert table == reference_markdown(), "regenerate with: python -m pd_serve.config"
+
+
+def test_engine_arg_typo_fails_at_validation_with_the_closest_valid_name(tiny_args) -> None:
+    """The installed vLLM's AsyncEngineArgs decides which names exist (issue 13: a typo in
+    engine_args used to crash the replica and make Serve restart it forever)."""
+    tiny_args["engine_args"]["max_model_lenn"] = 512
+    msg = _err(tiny_args)
+    assert "engine_args.max_model_lenn" in msg and "did you mean `max_model_len`" in msg
+
+
+def test_engine_arg_typo_in_a_tier_names_the_tier(tiny_args) -> None:
+    tiny_args["decode"]["engine_args"] = {"gpu_memory_utilisation": 0.8}
+    msg = _err(tiny_args)
+    assert msg.startswith("1 validation error") and "decode" in msg
+    assert "engine_args.gpu_memory_utilisation" in msg and "`gpu_memory_utilization`" in msg
+
+
+def test_engine_arg_cli_spelling_points_to_the_yaml_key(tiny_args) -> None:
+    tiny_args["engine_args"]["max-num-seqs"] = 8
+    assert "did you mean `max_num_seqs`" in _err(tiny_args)
+
+
+def test_engine_arg_unknown_without_a_close_match_has_no_guess(tiny_args) -> None:
+    tiny_args["engine_args"]["zzzz_qqqq"] = 1
+    msg = _err(tiny_args)
+    assert "engine_args.zzzz_qqqq is not an argument" in msg and "did you mean" not in msg
+
+
+@pytest.mark.parametrize("key,value", [("max_model_len", "long"), ("dtype", "float33"),
+                                       ("enforce_eager", "maybe")])
+def test_engine_arg_bad_value_is_refused_by_its_vllm_type(tiny_args, key, value) -> None:
+    tiny_args["engine_args"][key] = value
+    msg = _err(tiny_args)
+    assert f"engine_args.{key}={value!r} is not valid for vLLM" in msg
+
+
+def test_engine_arg_rich_values_are_left_to_vllm(tiny_args) -> None:
+    tiny_args["engine_args"]["compilation_config"] = {"mode": 0}
+    AppConfig.model_validate(tiny_args)
