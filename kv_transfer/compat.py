@@ -26,6 +26,7 @@ class EngineLayout:
     head_dim: int | None = None
     num_layers: int | None = None
     tensor_parallel_size: int = 1
+    use_mla: bool = False  # MLA keeps one latent KV per token, replicated on every TP rank
 
 
 _HINT = {
@@ -49,7 +50,7 @@ def check_compatible(prefill: EngineLayout, decode: EngineLayout,
     """
     for f in fields(EngineLayout):
         a, b = getattr(prefill, f.name), getattr(decode, f.name)
-        if f.name == "tensor_parallel_size":
+        if f.name in ("tensor_parallel_size", "use_mla"):
             continue
         if a is not None and b is not None and a != b:
             raise IncompatibleTiersError(
@@ -69,3 +70,12 @@ def check_compatible(prefill: EngineLayout, decode: EngineLayout,
         if heads is not None and heads >= hi and heads % hi:
             raise IncompatibleTiersError(
                 f"num_kv_heads={heads} does not divide evenly over tensor_parallel_size={hi}")
+        if heads is not None and not prefill.use_mla and tp_p > tp_d and tp_p > heads:
+            # vLLM 0.32, nixl/base_worker.py (decode's handshake with prefill): with remote (prefill)
+            # TP above local (decode) TP, prefill's KV must not be replicated across its ranks,
+            # i.e. prefill TP <= the model's KV heads (kv_connector/utils.py, is_kv_replicated).
+            raise IncompatibleTiersError(
+                f"tensor_parallel_size prefill={tp_p} > decode={tp_d} needs prefill TP <= the model's "
+                f"{heads} KV heads (vLLM's NIXL connector cannot read KV that prefill replicates "
+                f"across ranks): set prefill.tensor_parallel_size to at most {heads}, or decode's to "
+                f"at least {tp_p}")
