@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -17,14 +15,33 @@ from kv_transfer import EngineLayout, check_compatible, get_backend
 from pd_serve.config import AppConfig, TierConfig
 from pd_serve.control import Control
 from pd_serve.ingress import Ingress
+from pd_serve.model_source import offline_env, read_hf_config
+from pd_serve.placement import check_node_fit, cluster_gpus_per_node, replica_bundles
 from pd_serve.servers import DecodeServer, PrefillServer
 from pd_serve.tiny_model import resolve_model
 
-_PD_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-}
+# Seconds Serve waits for a replica to stop before killing it. A 70B engine's teardown (NCCL,
+# CUDA contexts, eight workers) takes tens of seconds; killed early, it leaves GPUs that the
+# next replica on the node finds still busy.
+GRACEFUL_SHUTDOWN_S = {"cpu": 5, "gpu": 60}
+
+
+def pd_env(cfg: AppConfig) -> dict[str, str]:
+    """Environment of every replica and the ingress. Offline mode only where the model is local:
+    a hub id must reach the hub (with ``HF_TOKEN``, from the environment or the manifest's secret)."""
+    return {**offline_env(cfg.model), "VLLM_NO_USAGE_STATS": "1"}
+
+
+def transport_env(cfg: AppConfig) -> dict[str, str]:
+    """Connector variables that must reach vLLM's engine workers as configured.
+
+    In the replica's Ray ``runtime_env`` they are the workers' process environment: vLLM 0.32
+    copies the replica's runtime_env into its workers' (``vllm/engine/arg_utils.py``
+    ``ray_runtime_env``, ``vllm/v1/executor/ray_executor_v2.py`` ``_build_runtime_env``), while
+    the replica's ``os.environ`` reaches them only through ``setdefault`` (``initialize_worker``),
+    where a value baked into the image would win."""
+    kt = cfg.kv_transfer
+    return {"UCX_TLS": kt.ucx_tls} if kt.backend == "nixl" and kt.ucx_tls else {}
 
 
 def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
@@ -35,12 +52,12 @@ def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
         "max_ongoing_requests": t.max_ongoing_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
-        "graceful_shutdown_timeout_s": 5,
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S[cfg.device],
         # internal hops: one access-log line per request per tier is noise (the ingress logs it)
         "logging_config": {"enable_access_log": False},
         "ray_actor_options": {
             "num_cpus": t.num_cpus,
-            "runtime_env": {"env_vars": {**_PD_ENV, **t.env}},
+            "runtime_env": {"env_vars": {**pd_env(cfg), **transport_env(cfg), **t.env}},
         },
     }
     r = cfg.router
@@ -72,37 +89,33 @@ def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
         opts["num_replicas"] = t.fixed_replicas(1)
     if t.resources:
         opts["ray_actor_options"]["resources"] = dict(t.resources)
-    if t.accelerator_type:
-        opts["ray_actor_options"]["accelerator_type"] = t.accelerator_type
     if cfg.device == "gpu":
-        # The replica actor holds no GPU itself; its engine workers (one per TP x PP rank)
-        # each take one bundle, packed onto one node.
-        opts["placement_group_bundles"] = [{"CPU": t.num_cpus, "GPU": 0}] + [
-            {"CPU": 1, "GPU": t.num_gpus_per_worker, **({f"accelerator_type:{t.accelerator_type}": 0.001}
-                                                       if t.accelerator_type else {})}
-            for _ in range(t.world_size)]
+        # The replica actor holds no GPU itself (bundle 0, with the tier's `resources`); its
+        # engine workers, one per TP x PP rank, take one GPU bundle each (pd_serve/placement.py).
+        opts["placement_group_bundles"] = replica_bundles(cfg, tier)
         opts["placement_group_strategy"] = t.placement_strategy
-        opts["ray_actor_options"].pop("accelerator_type", None)
     return opts
 
 
-def tier_layout(cfg: AppConfig, tier: str) -> EngineLayout:
-    """The KV layout one tier's engines will have, for the up-front compatibility check.
-    Head counts come from the model's config.json when the model is a local directory."""
-    args = cfg.tier_engine_args(tier)
-    hf: dict[str, Any] = {}
-    path = Path(resolve_model(cfg.model)) / "config.json"
-    if path.is_file():
-        hf = json.loads(path.read_text())
-        hf = hf.get("text_config", hf)
+def tier_layouts(cfg: AppConfig) -> tuple[EngineLayout, EngineLayout]:
+    """The KV layouts the prefill and decode engines will have, for the up-front compatibility
+    check. Head counts come from the model's config.json, read wherever the weights come from
+    (a local directory or the hub, pd_serve/model_source.py); None where it cannot be read."""
+    hf = read_hf_config(cfg.model, revision=cfg.engine_args.get("revision")) or {}
     heads = hf.get("num_attention_heads")
-    return EngineLayout(
-        model=cfg.model, dtype=str(args.get("dtype", "auto")), block_size=cfg.block_size,
-        kv_cache_dtype=str(args.get("kv_cache_dtype", "auto")),
-        num_kv_heads=hf.get("num_key_value_heads", heads),
-        head_dim=hf.get("head_dim") or (hf["hidden_size"] // heads if heads and "hidden_size" in hf else None),
-        num_layers=hf.get("num_hidden_layers"),
-        tensor_parallel_size=getattr(cfg, tier).tensor_parallel_size)
+    mla = bool(hf.get("kv_lora_rank"))  # DeepSeek-style MLA: one latent KV, no per-head split
+
+    def layout(tier: str) -> EngineLayout:
+        args = cfg.tier_engine_args(tier)
+        return EngineLayout(
+            model=cfg.model, dtype=str(args.get("dtype", "auto")), block_size=cfg.block_size,
+            kv_cache_dtype=str(args.get("kv_cache_dtype", "auto")),
+            num_kv_heads=hf.get("num_key_value_heads", heads),
+            head_dim=hf.get("head_dim") or (hf["hidden_size"] // heads if heads and "hidden_size" in hf else None),
+            num_layers=hf.get("num_hidden_layers"),
+            tensor_parallel_size=getattr(cfg, tier).tensor_parallel_size, use_mla=mla)
+
+    return layout("prefill"), layout("decode")
 
 
 def build_app_from_config(cfg: AppConfig) -> Application:
@@ -110,7 +123,9 @@ def build_app_from_config(cfg: AppConfig) -> Application:
     if cfg.kv_transfer.backend is not None:
         get_backend(cfg.kv_transfer.backend).check_available()
         # refuse tiers that could not exchange KV before any engine starts
-        check_compatible(tier_layout(cfg, "prefill"), tier_layout(cfg, "decode"))
+        check_compatible(*tier_layouts(cfg))
+    if cfg.device == "gpu" and (gpus := cluster_gpus_per_node()) is not None:
+        check_node_fit(cfg, gpus, source="the largest GPU node of this Ray cluster")
     raw = cfg.model_dump(mode="json")
     control = serve.deployment(Control, name="Control", num_replicas=1,
                                ray_actor_options={"num_cpus": 0.05},
@@ -121,7 +136,7 @@ def build_app_from_config(cfg: AppConfig) -> Application:
     decode = serve.deployment(DecodeServer).options(**tier_options(cfg, "decode")).bind(raw, control, prefill)
     return serve.deployment(Ingress).options(
         name="Ingress", num_replicas=cfg.ingress.replicas, max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": cfg.ingress.num_cpus, "runtime_env": {"env_vars": _PD_ENV}},
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus, "runtime_env": {"env_vars": pd_env(cfg)}},
     ).bind(raw, decode, control)
 
 

@@ -216,6 +216,9 @@ class AppConfig(_Strict):
                 raise ValueError(
                     f"P/D tiers disagree on {k}: prefill={p!r}, decode={d!r}. KV blocks must have "
                     f"the same layout on both tiers: set `{k}` once in the top-level engine_args")
+        from pd_serve.placement import check_placement
+
+        check_placement(self)  # what Ray and vLLM refuse at placement (pd_serve/placement.py)
         return self
 
     @property

@@ -6,6 +6,7 @@ from pd_serve.app import build_app
 from pd_serve.config import AppConfig
 from pd_serve.engine import plan_engine
 from tests.unit.conftest import config_args
+from tests.unit.hub import LLAMA_70B_CONFIG, stub_hub
 
 
 def _graph(app) -> dict:
@@ -19,7 +20,8 @@ def _graph(app) -> dict:
     return out
 
 
-def test_llama70b_graph_resources_tp_and_placement() -> None:
+def test_llama70b_graph_resources_tp_and_placement(monkeypatch, tmp_path) -> None:
+    stub_hub(monkeypatch, tmp_path, {"meta-llama/Llama-3.1-70B-Instruct": LLAMA_70B_CONFIG})
     g = _graph(build_app(config_args("llama70b.yaml")))
     assert set(g) == {"Ingress", "DecodeServer", "PrefillServer", "Control"}
     for name in ("PrefillServer", "DecodeServer"):
@@ -65,10 +67,11 @@ def test_tiny_cpu_graph_pins_engines_apart(tmp_path, monkeypatch) -> None:
     assert cores == {"0", "1"}
 
 
-def test_prefill_at_zero_replicas_leaves_it_out() -> None:
+def test_prefill_at_zero_replicas_leaves_it_out(tmp_path) -> None:
     args = config_args("tiny-cpu.yaml")
     args["prefill"] = {"replicas": 0}
-    args["model"] = "/some/hf/dir"
+    (tmp_path / "config.json").write_text("{}")
+    args["model"] = str(tmp_path)
     g = _graph(build_app(args))
     assert "PrefillServer" not in g and g["DecodeServer"].init_args[2] is None
 
