@@ -5,7 +5,7 @@ so vLLM runs ``register()`` in every engine process. It changes nothing unless v
 platform is the CPU, and can be turned off with ``PD_SERVE_NIXL_CPU_FIX=0`` (the benchmark
 measures both ways). It is never needed on GPUs and never active there.
 
-Three upstream behaviours are corrected (both measured on a 2-core host, see README "CPU notes"):
+Three upstream behaviours are corrected (both measured on a 2-core host, see docs/architecture.md, "Running on CPU"):
 
 1. **Busy-waiting progress thread.** NIXL's Python API hard-codes the agent's progress-thread
    delay to 0 µs, so every idle engine spins one full core. We set ``pthrDelay`` to

@@ -237,7 +237,7 @@ class AppConfig(_Strict):
 
 
 def reference_markdown() -> str:
-    """The config reference table in README.md, generated from the field descriptions."""
+    """The config reference table in docs/config.md, generated from the field descriptions."""
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -265,5 +265,21 @@ def reference_markdown() -> str:
     return "\n".join(rows)
 
 
+def write_reference(path: str = "docs/config.md") -> None:
+    """Replace the table between the config-reference markers of `path`."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+    i, j = text.index(start) + len(start), text.index(end)
+    p.write_text(text[:i] + reference_markdown() + text[j:])
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    import sys
+
+    if "--write" in sys.argv:
+        write_reference()
+    else:
+        print(reference_markdown())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with everything pd_serve needs on this machine kind (CPU) or on a GPU node.
-# Idempotent: re-running only fixes what is missing. See PLATFORM notes in README "Install".
+# Idempotent: re-running only fixes what is missing. `make install` (and every make target) runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -78,13 +78,13 @@ def test_gpu_device_needs_gpus() -> None:
     assert "set num_gpus_per_worker" in _err(args)
 
 
-def test_readme_config_reference_matches_the_code() -> None:
+def test_docs_config_reference_matches_the_code() -> None:
     from pd_serve.config import reference_markdown
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "config.md").read_text()
     start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
     table = readme[readme.index(start) + len(start):readme.index(end)]
-    assert table == reference_markdown(), "regenerate with: python -m pd_serve.config"
+    assert table == reference_markdown(), "regenerate with: python -m pd_serve.config --write"
 
 
 def test_engine_arg_typo_fails_at_validation_with_the_closest_valid_name(tiny_args) -> None:
