@@ -79,28 +79,38 @@ class _Timing:
         self.received, self.parsed, self.rendered, self.head = received, parsed, rendered, head
 
 
-def _merge(pages: list[tuple[Any, str]]) -> bytes:
-    """Replicas' metric pages, each sample labelled with its tier and replica, plus the
-    derived transfer metrics and this process's own registry."""
+def _merge(pages: list[tuple[Any, str]], own_replica: str = "") -> bytes:
+    """Replicas' metric pages and this ingress's own registry, merged into one family per name
+    (a name twice would break Prometheus' parser). Every sample gets the process it came from:
+    `replica` and `replica_tier` (`prefill`, `decode`, `ingress`). A sample keeps its own `tier`
+    label (e.g. prefill routing done inside a decode replica says tier="prefill"); an engine
+    replica's sample without one gets its replica's tier. Then the derived transfer metrics."""
     merged: dict[str, Metric] = {}
-    for r, text in pages:
+    own = generate_latest().decode()
+    for tier, replica, text in [*((r.tier, r.replica_id, t) for r, t in pages), ("ingress", own_replica, own)]:
+        proc = {"replica": replica, "replica_tier": tier}
+        if tier != "ingress":
+            proc = {"tier": tier, **proc}
         for fam in text_string_to_metric_families(text):
             out = merged.get(fam.name)
             if out is None:
                 out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
             for s in fam.samples:
-                out.samples.append(type(s)(s.name, {**s.labels, "tier": r.tier, "replica": r.replica_id},
-                                           s.value, s.timestamp, s.exemplar))
+                labels = {**proc, **s.labels}
+                labels["replica"], labels["replica_tier"] = replica, tier
+                out.samples.append(type(s)(s.name, labels, s.value, s.timestamp, s.exemplar))
     families = list(merged.values())
     families += derive(families)  # pd_serve_kv_transfer_* from the connector's own metrics
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Families(families))
-    return generate_latest(reg) + generate_latest()  # then this process: ingress metrics
+    return generate_latest(reg)
 
 
 @serve.ingress(app)
 class Ingress:
     def __init__(self, cfg: dict[str, Any], decode: Any, control: Any) -> None:
+        m.init_series("ingress")
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -124,6 +134,7 @@ class Ingress:
         # /health answers from this view of the replicas, refreshed off the request path.
         self._replicas: dict[str, int] = {"decode": 0, "prefill": 0}
         self._replicas_at = 0.0
+        self._max_model_len: int | None = None  # decode's, once a decode replica reported it
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_replicas())
         self._gather: asyncio.Future | None = None  # the /metrics gather in progress
 
@@ -134,6 +145,8 @@ class Ingress:
                 counts = {"decode": 0, "prefill": 0}
                 for r in infos:
                     counts[r.tier] = counts.get(r.tier, 0) + 1
+                lens = [r.max_model_len for r in infos if r.tier == "decode" and r.max_model_len]
+                self._max_model_len = min(lens) if lens else self._max_model_len
                 self._replicas, self._replicas_at = counts, time.monotonic()
             except Exception:
                 logger.warning("could not read the replica list from control", exc_info=True)
@@ -253,7 +266,7 @@ class Ingress:
                 except _REPLICA_GONE as e:  # the decode replica died: nothing was sent yet, try another
                     logger.warning("request %s: decode replica failed before its first byte (attempt %d): %r",
                                    req.request_id, attempt + 1, e)
-                    m.INGRESS_RETRIES.labels(type(e).__name__).inc()
+                    m.INGRESS_RETRIES.labels(next(c.__name__ for c in _REPLICA_GONE if isinstance(e, c))).inc()
                     stage.move("to_decode")
                 except Exception as e:
                     logger.exception("request %s failed before its first byte", req.request_id)
@@ -330,7 +343,8 @@ class Ingress:
 
         if (denied := self._auth(request)) is not None:
             return denied
-        cards = [ModelCard(id=name, root=self.cfg.model, owned_by="pd_serve") for name in sorted(self.models)]
+        cards = [ModelCard(id=name, root=self.cfg.model, owned_by="pd_serve", max_model_len=self._max_model_len)
+                 for name in sorted(self.models)]
         return JSONResponse(ModelList(data=cards).model_dump())
 
     @app.get("/health")
@@ -359,4 +373,4 @@ class Ingress:
         texts = await asyncio.gather(*(self._http.get(r.metrics_url) for r in replicas), return_exceptions=True)
         pages = [(r, resp.text) for r, resp in zip(replicas, texts)
                  if not isinstance(resp, BaseException) and resp.status_code == 200]
-        return await asyncio.get_running_loop().run_in_executor(self._merge_pool, _merge, pages)
+        return await asyncio.get_running_loop().run_in_executor(self._merge_pool, _merge, pages, self._replica_id)

@@ -39,7 +39,7 @@ def _say(msg: str) -> None:
 
 def _state_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    d = base / "pd_serve" / "run"
+    d = Path(os.environ.get("PD_SERVE_LAUNCH_DIR") or base / "pd_serve" / "launch")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -172,7 +172,9 @@ def _health(url: str) -> int | None:
     import httpx
 
     try:
-        return httpx.get(url + "/health", timeout=3).status_code
+        # long enough that Serve's proxy answers (it holds requests until the ingress is up):
+        # a probe that gives up first shows in the log as "Client ... disconnected"
+        return httpx.get(url + "/health", timeout=15).status_code
     except Exception:
         return None
 
@@ -202,7 +204,7 @@ class Runner:
             latest.unlink(missing_ok=True)
             latest.symlink_to(self.log_path.name)
         self.proc: subprocess.Popen | None = None
-        self.state_file = _state_dir() / f"{os.getpid()}.json"
+        self.state_file = _state_dir() / f"run-{os.getpid()}.json"
         self.stopping = threading.Event()
 
     def env(self) -> dict[str, str]:
@@ -380,7 +382,7 @@ def _alive(pid: int) -> bool:
 def cmd_stop(a: argparse.Namespace) -> int:
     """Stop every `pd-serve run` recorded here, then any `serve run` or local Ray they left."""
     stopped = 0
-    for f in sorted(_state_dir().glob("*.json")):
+    for f in sorted(_state_dir().glob("run-*.json")):
         try:
             st = json.loads(f.read_text())
         except (OSError, ValueError):

@@ -99,3 +99,70 @@ REQUESTS_IN_FLIGHT = Gauge(
     "`prefill`, `first_token`, `streaming`).",
     ["stage"],
 )
+
+
+# ------------------------------------------------------------------------------------------------
+# Every series present from the start, at 0: a counter that appears only after its first event
+# cannot be told apart from a scrape that missed it, and rate() over it starts wrong.
+
+INGRESS_STATUSES = ("400", "401", "404", "405", "413", "422", "429", "500", "502", "503")
+REPLICA_GONE = ("RayActorError", "ReplicaUnavailableError")
+PREFILL_FAILURE_REASONS = ("timeout", "replica_gone", "error", "http_5xx")
+INGRESS_STAGES = ("ingress", "to_decode", "in_decode", "streaming")
+DECODE_STAGES = ("prefill_select", "prefill", "first_token", "streaming")
+# (where, reason) of pd_serve_prefill_total that servers.py sets itself; the decider's own
+# reasons (scheduler.decider.DeciderReason) are added from the enum.
+PREFILL_WHERE_REASONS = (
+    ("remote", "remote"), ("remote", "prefill_retry"), ("remote", "pull_retry"),
+    ("local", "no_prefill_tier"), ("local", "prefill_unavailable"), ("local", "retry_unavailable"),
+    ("local", "remote_failed"), ("local", "retries_exhausted"), ("local", "pull_failed"),
+    ("external", "preset"),
+)
+
+
+def _routing_series(tier: str) -> None:
+    from scheduler.framework import RouteReason
+
+    for reason in [*(str(r) for r in RouteReason), "fallback", "no_eligible"]:
+        ROUTING_DECISIONS.labels(tier, reason)
+    PREFIX_HIT_TOKENS.labels(tier)
+    PROMPT_TOKENS_ROUTED.labels(tier)
+    SCHEDULING_SECONDS.labels(tier)
+
+
+def init_series(role: str) -> None:
+    """Create, at 0, every labelled pd_serve_* series this process can emit.
+
+    role: ``ingress`` (decode routing runs there), ``decode`` (the P/D decision and prefill
+    routing) or ``prefill``. Unlabelled metrics exist from import."""
+    if role == "ingress":
+        for s in INGRESS_STATUSES:
+            INGRESS_ERRORS.labels(s)
+        for e in REPLICA_GONE:
+            INGRESS_RETRIES.labels(e)
+        from pd_serve.phases import PHASES
+
+        for p in PHASES:
+            PHASE_SECONDS.labels(p)
+        for st in INGRESS_STAGES:
+            REQUESTS_IN_FLIGHT.labels(st)
+        _routing_series("decode")
+    elif role == "decode":
+        from scheduler.decider import DeciderReason
+
+        for d in DeciderReason:
+            PREFILL_DECISIONS.labels("remote" if d == DeciderReason.REMOTE else "local", str(d))
+        for where, reason in PREFILL_WHERE_REASONS:
+            PREFILL_DECISIONS.labels(where, reason)
+        for r in PREFILL_FAILURE_REASONS:
+            REMOTE_PREFILL_FAILURES.labels(r)
+        for api in ("completions", "chat"):
+            for outcome in ("ok", "error", "aborted"):
+                REQUESTS.labels(api, outcome)
+        for phase in ("prefill", "decode"):
+            CLIENT_ABORTS.labels(phase)
+        for stage in ("prefill", "pull"):
+            PREFILL_RETRIES.labels(stage)
+        for st in DECODE_STAGES:
+            REQUESTS_IN_FLIGHT.labels(st)
+        _routing_series("prefill")

@@ -44,6 +44,7 @@ class ReplicaInfo(msgspec.Struct, frozen=True):
     num_running: int = 0
     num_waiting: int = 0
     updated_at: float = 0.0
+    max_model_len: int = 0  # the engine's, as vLLM resolved it (reported by /v1/models)
 
 
 class RoutingHint(msgspec.Struct, frozen=True):

@@ -79,7 +79,7 @@ class _EngineReplica:
             replica_id=self.replica_id, tier=self.tier,  # type: ignore[arg-type]
             metrics_url=f"http://{self.host.host}:{port}/metrics",
             engine_id=self.host.plan.identity.engine_id if self.host.plan.identity else "",
-            node_ip=self.host.host, pid=os.getpid())
+            node_ip=self.host.host, pid=os.getpid(), max_model_len=self.host.max_model_len)
         if self.host.plan.identity is not None:
             engine_id = self.host.plan.identity.engine_id
             m.REQUESTS_AWAITING_PULL.set_function(lambda: held.read(engine_id)[0])
@@ -167,6 +167,7 @@ class DecodeServer(_EngineReplica):
     tier = "decode"
 
     async def __init__(self, cfg: dict[str, Any], control: Any, prefill: Any | None) -> None:
+        m.init_series("decode")
         self._prefill = prefill
         self._prefill_state: list[ReplicaInfo] = []
         await self._init(cfg, control)
@@ -242,14 +243,14 @@ class DecodeServer(_EngineReplica):
                 m.CLIENT_ABORTS.labels("prefill").inc()
                 raise
             except Exception as e:  # replica died, engine error, timeout
-                reason = type(e).__name__
+                reason = _failure_reason(e)
                 m.REMOTE_PREFILL_FAILURES.labels(reason).inc()
                 logger.warning("request %s: remote prefill on %s failed (%r)", request_id, selection.replica_id, e)
                 return PrefillResult(status=502, error_body=_json(error_body(
                     f"remote prefill failed: {reason}", 502, "PrefillFailedError"))), "failed", selection.replica_id
         m.REMOTE_PREFILL_SECONDS.observe(time.perf_counter() - t0)
         if res.status >= 500:
-            m.REMOTE_PREFILL_FAILURES.labels(f"http_{res.status}").inc()
+            m.REMOTE_PREFILL_FAILURES.labels("http_5xx").inc()
             return res, "failed", selection.replica_id
         return res, "ok", selection.replica_id
 
@@ -450,6 +451,18 @@ def _is_output(choice: dict[str, Any]) -> bool:
         return True
     return choice.get("finish_reason") is not None or any(
         v for k, v in delta.items() if k != "role")
+
+
+def _failure_reason(e: BaseException) -> str:
+    """A bounded label for a failed remote prefill (pd_serve_remote_prefill_failures_total)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(e, (RayActorError, ReplicaUnavailableError)):
+        return "replica_gone"
+    return "error"
 
 
 def _json(obj: Any) -> bytes:
