@@ -58,7 +58,8 @@ def _plugin_timer(tier: str, plugin: str, seconds: float) -> None:
 
 
 class PrefixAwareRouter(FIFOMixin, RequestRouter):
-    """Ranks a tier's replicas by cached prefix, KV headroom and queue (see docs/scheduler.md)."""
+    """Ranks a tier's replicas by the scheduler's profile: by default the estimated cost of
+    prefill there, queue and cached prefix included (see docs/scheduler.md)."""
 
     def initialize_state(self, tier: str = "decode", block_size: int = 16,
                          profiles: dict[str, Any] | None = None, **_: Any) -> None:
@@ -85,9 +86,12 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
             if rid not in self.sched.registry:
                 self.sched.registry.add(rid)
             if stats:
+                # prefill_tps / queued_prefill_tokens: optional; without them the router's own
+                # backlog estimate and the peers' (or assumed) rate stand in (docs/scheduler.md)
                 self.sched.registry.update(
                     rid, kv_usage=stats.get("kv_usage"), num_running=stats.get("num_running"),
-                    num_waiting=stats.get("num_waiting"), capacity_blocks=stats.get("capacity_blocks"))
+                    num_waiting=stats.get("num_waiting"), capacity_blocks=stats.get("capacity_blocks"),
+                    prefill_tps=stats.get("prefill_tps"), queued_prefill_tokens=stats.get("queued_prefill_tokens"))
             endpoint = stats.get("kv_events_endpoint")
             if endpoint and rid not in self._subs:
                 sub = KVEventSubscriber(self.sched.index, endpoint, rid, topic=stats.get("kv_events_topic", ""))
@@ -125,7 +129,7 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
             return
         ctx, d = routed
         worker = replica_id.unique_id
-        self.sched.on_routed(ctx, worker)
+        self.sched.on_routed(ctx, worker, d)
         self._inflight[rid] = worker
         first_choice = worker == d.worker
         m.ROUTING_DECISIONS.labels(self.tier, str(d.reason) if first_choice else "fallback").inc()

@@ -57,8 +57,11 @@ class CycleContext:
         now: the scheduler clock at the start of the decision.
         matched_blocks: per view row, how many leading blocks of the request the worker holds
             (filled by the scheduler from the prefix index before filters run).
+        arrival_rate: requests per second the tier receives from this router (measured,
+            `scheduler.state.WorkerRegistry.arrival_rate`); 0 when unknown.
     """
 
     request: RequestContext
     now: float
     matched_blocks: np.ndarray
+    arrival_rate: float = 0.0

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from scheduler.context import CycleContext, RequestContext
 from scheduler.index import PrefixIndex
 from scheduler.plugins import PLUGIN_TYPES, Filter, MaxScorePicker, Picker, Plugin, Scorer
-from scheduler.state import WorkerRegistry, WorkerView
+from scheduler.state import DEFAULT_ASSUMED_PREFILL_TPS, WorkerRegistry, WorkerView
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -47,6 +47,7 @@ __all__ = [
     "NoEligibleWorker",
     "Profile",
     "RouteReason",
+    "WEIGHTED_CONFIG",
     "Scheduler",
     "SchedulerError",
     "default_profiles",
@@ -83,9 +84,11 @@ class RouteReason(StrEnum):
     """Why the chosen worker won (a bounded label for the routing-decisions metric)."""
 
     PREFIX_HIT = "prefix_hit"
-    """The chosen worker caches at least one block of the prompt."""
+    """The chosen worker caches the longest prefix of the prompt among the eligible (>= 1 block)."""
+    LOAD_OVER_PREFIX = "load_over_prefix"
+    """Another eligible worker caches more of the prompt, but its load made it the worse choice."""
     LOAD = "load"
-    """No prefix reuse on the chosen worker: load/headroom decided."""
+    """No eligible worker caches any block of the prompt: load/headroom decided."""
     SINGLE_CANDIDATE = "single_candidate"
     """Only one worker was eligible."""
 
@@ -180,7 +183,8 @@ class Scheduler:
         if n == 0:
             raise NoEligibleWorker(self.tier, ctx.request_id, "membership", 0)
         keep = self._candidates(ctx, view)
-        cycle = CycleContext(ctx, self._clock(), self._match(ctx, view))
+        now = self._clock()
+        cycle = CycleContext(ctx, now, self._match(ctx, view), self.registry.arrival_rate(now))
         for f in self.profile.filters:
             t0 = time.perf_counter() if hook else 0.0
             keep = f.filter(cycle, view, keep)
@@ -212,6 +216,8 @@ class Scheduler:
         num_eligible = int(np.count_nonzero(keep))
         if num_eligible == 1:
             reason = RouteReason.SINGLE_CANDIDATE
+        elif matched < cycle.matched_blocks.max(where=keep, initial=0):
+            reason = RouteReason.LOAD_OVER_PREFIX
         elif matched > 0:
             reason = RouteReason.PREFIX_HIT
         else:
@@ -258,11 +264,22 @@ class Scheduler:
 
     # ------------------------------------------------------------------ feedback
 
-    def on_routed(self, ctx: RequestContext, worker: str) -> None:
+    def on_routed(self, ctx: RequestContext, worker: str, decision: Decision | None = None) -> None:
         """The request ``ctx`` was actually sent to ``worker`` (once per request and tier).
 
-        Records speculative index entries (see ``speculative_ttl_s``) and the in-flight count.
+        Records the in-flight count, the prompt tokens ``worker`` has to compute (its prefill
+        backlog, read by the ``prefill_cost`` scorer) and speculative index entries (see
+        ``speculative_ttl_s``). Pass the `Decision` that `route` returned for ``ctx``: when it
+        chose ``worker``, its match is reused; otherwise (a fallback) the index is asked again.
         """
+        if decision is not None and decision.worker == worker:
+            matched = decision.matched_blocks
+        else:
+            view = self.registry.view()
+            row = view.row.get(worker)
+            matched = 0 if row is None else int(self._match(ctx, view)[row])
+        if ctx.prompt_tokens > 0:
+            self.registry.add_prefill(worker, max(1, ctx.prompt_tokens - matched * ctx.block_size))
         if self.index is not None and self.speculative_ttl_s > 0:
             self.index.record_routed(worker, ctx.block_keys, self.speculative_ttl_s)
         self.registry.on_routed(worker)
@@ -323,6 +340,38 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "plugins": [
         {"type": "healthy"},
         {"type": "saturated"},
+        {"type": "prefill_cost"},
+        {"type": "max_score"},
+    ],
+    "profiles": {
+        "decode": {
+            "plugins": [
+                {"ref": "healthy"},
+                {"ref": "prefill_cost", "weight": 1.0},
+                {"ref": "max_score"},
+            ]
+        },
+        "prefill": {
+            "plugins": [
+                {"ref": "healthy"},
+                {"ref": "saturated"},  # the P/D decider prefills locally when it leaves none
+                {"ref": "prefill_cost", "weight": 1.0},
+                {"ref": "max_score"},
+            ]
+        },
+    },
+}
+"""Defaults with nothing to tune: the smallest estimated cost (queued prefill plus the request's
+own uncached suffix at each worker's measured prefill rate, the wait for KV blocks, and the delay
+imposed on later requests) wins; see `scheduler.plugins.prefill_cost`. No ``saturated`` filter:
+a full engine is expensive in the cost itself, and a hard 0.95 cut-off lost TTFT and hit rate
+in the replay (docs/scheduler.md). The prefill profile keeps it: when it leaves no prefill
+worker, the P/D decider prefills on the decode engine instead (`scheduler.decider`)."""
+
+WEIGHTED_CONFIG: dict[str, Any] = {
+    "plugins": [
+        {"type": "healthy"},
+        {"type": "saturated"},
         {"type": "prefix"},
         {"type": "kv_headroom"},
         {"type": "queue"},
@@ -342,7 +391,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
         for tier in ("decode", "prefill")
     },
 }
-"""Defaults that need no tuning: a full prefix hit (2) outweighs both load signals together."""
+"""The earlier default (prefix 2, kv_headroom 1, queue 1), kept for comparison in the benchmark:
+on traces with hot prefixes it piles them onto a few engines (issue 10)."""
 
 
 def default_profiles() -> dict[str, Profile]:
@@ -465,6 +515,7 @@ def make_scheduler(
     metrics_hook: MetricsHook | None = None,
     rng: random.Random | int | None = None,
     clock: Callable[[], float] = time.monotonic,
+    assumed_prefill_tps: float = DEFAULT_ASSUMED_PREFILL_TPS,
 ) -> Scheduler:
     """Wire a tier: a `PrefixIndex`, a `WorkerRegistry` that follows it, and a `Scheduler`.
 
@@ -474,6 +525,7 @@ def make_scheduler(
     engine's ``BlockStored`` confirms them: long enough to cover queueing plus prefill under load
     (a 2 s TTL lost ~7 % of the hit rate in the loaded trace replay, docs/scheduler.md).
     ``profile`` defaults to ``default_profiles()[tier]`` (or the ``decode`` one).
+    ``assumed_prefill_tps``: see `WorkerRegistry` (until workers report a measured rate).
     """
     if profile is None:
         defaults = default_profiles()
@@ -481,7 +533,7 @@ def make_scheduler(
     if speculative_ttl_s is None:
         speculative_ttl_s = 600.0 if approximate else 30.0
     index = PrefixIndex(block_size, clock=clock, speculative_capacity=speculative_capacity)
-    registry = WorkerRegistry(tier, index=index, clock=clock)
+    registry = WorkerRegistry(tier, index=index, clock=clock, assumed_prefill_tps=assumed_prefill_tps)
     return Scheduler(
         profile,
         registry,

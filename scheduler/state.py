@@ -9,11 +9,19 @@ Writers:
 * membership: pd_serve's router calls `WorkerRegistry.sync` when the replica set changes;
 * engine stats: `WorkerRegistry.update` whenever a replica reports (e.g. Ray Serve's
   ``record_routing_stats``, every ``request_routing_stats_period_s``);
-* router-side in-flight counts: `on_routed` / `on_completed` (through the `Scheduler`).
+* router-side in-flight counts: `on_routed` / `on_completed` (through the `Scheduler`);
+* router-side prefill backlog: `add_prefill` (through `Scheduler.on_routed`).
+
+The prefill backlog is a fluid queue per worker: ``prefill_queued_tokens`` prompt tokens still
+to compute, as of ``prefill_anchor_t``, drained at the worker's measured ``prefill_tps`` since
+then (`WorkerRegistry.queued_prefill`). An engine report of its queued prefill tokens re-anchors
+it; the router adds each request's uncached tokens the moment it routes one, so the estimate is
+fresher than any report.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -24,7 +32,7 @@ import numpy as np
 if TYPE_CHECKING:
     from scheduler.index import PrefixIndex
 
-__all__ = ["WorkerRegistry", "WorkerState", "WorkerView"]
+__all__ = ["DEFAULT_ASSUMED_PREFILL_TPS", "WorkerRegistry", "WorkerState", "WorkerView"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +43,9 @@ class WorkerState:
     ``num_running`` / ``num_waiting`` its request queues, ``num_inflight`` the requests this
     router sent and has not seen complete (fresher than the engine's report). ``capacity_blocks``
     and ``block_size`` describe the KV cache (0 = unknown). ``updated_at`` is the clock value of
-    the last stats report (or of registration).
+    the last stats report (or of registration). ``prefill_tps`` is the engine's measured prefill
+    rate (tokens/s, 0 = not measured yet) and ``queued_prefill_tokens`` the prefill work the
+    router estimates is queued there now (see the module docstring).
     """
 
     worker_id: str
@@ -48,6 +58,8 @@ class WorkerState:
     healthy: bool = True
     updated_at: float = 0.0
     num_inflight: int = 0
+    prefill_tps: float = 0.0
+    queued_prefill_tokens: float = 0.0
 
 
 class WorkerView:
@@ -61,10 +73,19 @@ class WorkerView:
         "capacity_blocks",
         "healthy",
         "ids",
+        "inv_prefill_tps",
+        "kv_base",
+        "kv_scale",
+        "kv_unknown",
+        "prefill_drain_base",
         "kv_usage",
         "num_inflight",
         "num_running",
         "num_waiting",
+        "prefill_anchor_t",
+        "prefill_queued_tokens",
+        "prefill_tps",
+        "prefill_tps_measured",
         "row",
         "updated_at",
         "version",
@@ -82,12 +103,54 @@ class WorkerView:
         self.capacity_blocks = np.zeros(n, dtype=np.int64)
         self.healthy = np.ones(n, dtype=np.bool_)
         self.updated_at = np.zeros(n, dtype=np.float64)
+        self.prefill_tps = np.zeros(n, dtype=np.float64)
+        self.prefill_tps_measured = np.zeros(n, dtype=np.bool_)
+        self.prefill_queued_tokens = np.zeros(n, dtype=np.float64)
+        self.prefill_anchor_t = np.zeros(n, dtype=np.float64)
+        # Derived per row by the registry whenever the columns above change, so that a decision
+        # needs fewer vector operations (see `WorkerRegistry._derive`):
+        self.inv_prefill_tps = np.zeros(n, dtype=np.float64)  # 1 / prefill_tps
+        self.prefill_drain_base = np.zeros(n, dtype=np.float64)  # queued + tps * anchor_t
+        self.kv_base = np.zeros(n, dtype=np.float64)  # blocks the known requests hold - capacity
+        self.kv_unknown = np.ones(n, dtype=np.float64)  # 1 + requests of unknown size
+        self.kv_scale = np.zeros(n, dtype=np.float64)  # 1 / blocks held (0: capacity unknown)
+
+    def queued_prefill(self, now: float) -> np.ndarray:
+        """Prefill tokens queued per row at ``now``: the backlog, drained at each row's rate."""
+        q = self.prefill_drain_base - self.prefill_tps * now
+        return np.maximum(q, 0.0, out=q)
+
+    def kv_over_blocks(self, need_blocks: int) -> np.ndarray:
+        """Per row: blocks missing for a new request of ``need_blocks`` next to the requests the
+        worker has (each holding what its running ones hold on average; a request on a worker
+        that runs none counts ``need_blocks``). 0 where they fit; meaningless where the
+        capacity is unknown (``kv_scale`` is 0 there, which zeroes the wait)."""
+        over = self.kv_base + self.kv_unknown * need_blocks
+        return np.maximum(over, 0.0, out=over)
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-_COLUMNS = ("kv_usage", "num_running", "num_waiting", "num_inflight", "capacity_blocks", "healthy", "updated_at")
+ARRIVAL_RATE_WINDOW_S = 30.0
+"""Time constant of the router-measured request rate (`WorkerRegistry.arrival_rate`)."""
+
+DEFAULT_ASSUMED_PREFILL_TPS = 10_000.0
+"""Prefill tokens/s assumed for a worker that has not reported a measured rate yet."""
+
+_COLUMNS = (
+    "kv_usage",
+    "num_running",
+    "num_waiting",
+    "num_inflight",
+    "capacity_blocks",
+    "healthy",
+    "updated_at",
+    "prefill_tps",
+    "prefill_tps_measured",
+    "prefill_queued_tokens",
+    "prefill_anchor_t",
+)
 
 
 class WorkerRegistry:
@@ -97,6 +160,9 @@ class WorkerRegistry:
         tier: ``"decode"`` or ``"prefill"`` (free text; used in snapshots and metrics).
         index: the tier's prefix index; `sync` registers arrivals there and forgets departures.
         clock: seconds (``time.monotonic``); injectable for tests.
+        assumed_prefill_tps: the prefill rate a worker is assumed to have until it reports a
+            measured one. When every worker has the same rate it cancels out of the choice;
+            it only sets how fast the router-side backlog estimate drains between reports.
     """
 
     def __init__(
@@ -104,8 +170,14 @@ class WorkerRegistry:
         tier: str,
         index: PrefixIndex | None = None,
         clock: Callable[[], float] = time.monotonic,
+        assumed_prefill_tps: float = DEFAULT_ASSUMED_PREFILL_TPS,
     ) -> None:
+        if not assumed_prefill_tps > 0:
+            raise ValueError(f"assumed_prefill_tps must be > 0, got {assumed_prefill_tps!r}")
         self.tier = tier
+        self.assumed_prefill_tps = float(assumed_prefill_tps)
+        self._rate = 0.0  # routed requests per second (exponentially decayed), as of _rate_t
+        self._rate_t = clock()
         self.index = index
         self._clock = clock
         self._block_size: dict[str, int] = {}
@@ -158,7 +230,11 @@ class WorkerRegistry:
         for col in _COLUMNS:
             getattr(new, col)[:n_keep] = getattr(old, col)[keep]
         new.updated_at[n_keep:] = now
+        new.prefill_anchor_t[n_keep:] = now
         self._view = new
+        self._assume_rates(now)
+        for i in range(len(ids)):
+            self._derive(new, i)
 
     # ------------------------------------------------------------------ stats
 
@@ -172,12 +248,18 @@ class WorkerRegistry:
         capacity_blocks: int | None = None,
         block_size: int | None = None,
         healthy: bool | None = None,
+        prefill_tps: float | None = None,
+        queued_prefill_tokens: float | None = None,
     ) -> bool:
         """Record a stats report of ``worker_id``; return ``False`` if the worker is unknown.
 
         Called whenever a replica reports (per worker, every few seconds at most). Fields left
         ``None`` keep their value; ``updated_at`` becomes now. Reports for workers not (or no
         longer) in the membership are ignored, so a late report cannot resurrect a departed one.
+        ``prefill_tps``: the engine's measured prefill rate (tokens/s; ignored unless > 0).
+        ``queued_prefill_tokens``: prompt tokens queued or in prefill on the engine now; it
+        replaces the router's estimate (requests routed in the last few milliseconds, not yet
+        arrived at the engine, are lost from it until the next report).
         """
         v = self._view
         i = v.row.get(worker_id)
@@ -197,7 +279,20 @@ class WorkerRegistry:
             self._block_size[worker_id] = block_size
         if healthy is not None:
             v.healthy[i] = healthy
-        v.updated_at[i] = self._clock()
+        now = self._clock()
+        if prefill_tps is not None and prefill_tps > 0:
+            v.prefill_queued_tokens[i] = self._drained(v, i, now)  # re-anchor at the old rate first
+            v.prefill_anchor_t[i] = now
+            first = not v.prefill_tps_measured[i]
+            v.prefill_tps[i] = prefill_tps
+            v.prefill_tps_measured[i] = True
+            if first or not v.prefill_tps_measured.all():
+                self._assume_rates(now)
+        if queued_prefill_tokens is not None:
+            v.prefill_queued_tokens[i] = max(0.0, queued_prefill_tokens)
+            v.prefill_anchor_t[i] = now
+        v.updated_at[i] = now
+        self._derive(v, i)
         return True
 
     def set_healthy(self, worker_id: str, healthy: bool) -> bool:
@@ -210,15 +305,89 @@ class WorkerRegistry:
 
     def on_routed(self, worker_id: str) -> None:
         """A request was sent to ``worker_id`` by this router (once per routed request)."""
-        i = self._view.row.get(worker_id)
+        now = self._clock()
+        self._rate = self.arrival_rate(now) + 1.0 / ARRIVAL_RATE_WINDOW_S
+        self._rate_t = now
+        v = self._view
+        i = v.row.get(worker_id)
         if i is not None:
-            self._view.num_inflight[i] += 1
+            v.num_inflight[i] += 1
+            self._derive(v, i)
+
+    def arrival_rate(self, now: float | None = None) -> float:
+        """Requests per second this router sent to the tier, averaged over about
+        ``ARRIVAL_RATE_WINDOW_S`` (exponentially decayed). Called once per decision."""
+        t = self._clock() if now is None else now
+        return self._rate * math.exp(-max(0.0, t - self._rate_t) / ARRIVAL_RATE_WINDOW_S)
+
+    def add_prefill(self, worker_id: str, tokens: float) -> None:
+        """The router sent ``worker_id`` a request with ``tokens`` prompt tokens to compute there.
+
+        Called once per routed request (`Scheduler.on_routed`); drains the backlog to now first.
+        """
+        v = self._view
+        i = v.row.get(worker_id)
+        if i is None:
+            return
+        now = self._clock()
+        v.prefill_queued_tokens[i] = self._drained(v, i, now) + max(0.0, tokens)
+        v.prefill_anchor_t[i] = now
+        self._derive(v, i)
+
+    def queued_prefill(self, now: float | None = None) -> np.ndarray:
+        """Estimated prefill tokens queued per row at ``now`` (default: the clock), all rows.
+
+        Workers without a measured rate drain at their peers' mean measured rate (or
+        ``assumed_prefill_tps`` before any worker has measured one). For metrics and
+        debugging; the ``prefill_cost`` scorer computes the same from the view's columns.
+        """
+        return self._view.queued_prefill(self._clock() if now is None else now)
+
+    def _assume_rates(self, now: float) -> None:
+        """Give workers without a measured rate the mean measured rate of their peers (or
+        ``assumed_prefill_tps`` when none has measured one). An assumption lower than the
+        peers' would make a new worker look slow, so it would never get the work that measures it."""
+        v = self._view
+        unmeasured = ~v.prefill_tps_measured
+        if not unmeasured.any():
+            return
+        measured = v.prefill_tps[v.prefill_tps_measured]
+        rate = float(measured.mean()) if len(measured) else self.assumed_prefill_tps
+        for i in np.flatnonzero(unmeasured & (v.prefill_tps != rate)):
+            v.prefill_queued_tokens[i] = self._drained(v, i, now)
+            v.prefill_anchor_t[i] = now
+            v.prefill_tps[i] = rate
+            self._derive(v, i)
+
+    @staticmethod
+    def _derive(v: WorkerView, i: int) -> None:
+        """Recompute row ``i``'s derived columns (after any of its columns changed)."""
+        rate = float(v.prefill_tps[i])
+        v.inv_prefill_tps[i] = 1.0 / rate if rate > 0 else 0.0
+        v.prefill_drain_base[i] = v.prefill_queued_tokens[i] + rate * v.prefill_anchor_t[i]
+        cap = float(v.capacity_blocks[i])
+        held = float(v.kv_usage[i]) * cap
+        running = float(v.num_running[i])
+        requests = max(float(v.num_inflight[i]), running + float(v.num_waiting[i]))
+        if running > 0:
+            v.kv_base[i] = held * requests / running - cap
+            v.kv_unknown[i] = 1.0
+        else:
+            v.kv_base[i] = -cap
+            v.kv_unknown[i] = requests + 1.0
+        v.kv_scale[i] = 1.0 / max(held, 1.0) if cap > 0 else 0.0
+
+    @staticmethod
+    def _drained(v: WorkerView, i: int, now: float) -> float:
+        return max(0.0, float(v.prefill_queued_tokens[i] - v.prefill_tps[i] * max(0.0, now - v.prefill_anchor_t[i])))
 
     def on_completed(self, worker_id: str) -> None:
         """A request sent to ``worker_id`` finished, failed or was aborted (once per request)."""
-        i = self._view.row.get(worker_id)
-        if i is not None and self._view.num_inflight[i] > 0:
-            self._view.num_inflight[i] -= 1
+        v = self._view
+        i = v.row.get(worker_id)
+        if i is not None and v.num_inflight[i] > 0:
+            v.num_inflight[i] -= 1
+            self._derive(v, i)
 
     # ------------------------------------------------------------------ reading
 
@@ -243,6 +412,8 @@ class WorkerRegistry:
             healthy=bool(v.healthy[i]),
             updated_at=float(v.updated_at[i]),
             num_inflight=int(v.num_inflight[i]),
+            prefill_tps=float(v.prefill_tps[i]),
+            queued_prefill_tokens=float(self._drained(v, i, self._clock())),
         )
 
     def ids(self) -> tuple[str, ...]:

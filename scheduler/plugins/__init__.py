@@ -4,6 +4,7 @@ from scheduler.plugins.base import PLUGIN_TYPES, Filter, NoParams, Picker, Plugi
 from scheduler.plugins.healthy import HealthyFilter
 from scheduler.plugins.kv_headroom import KvHeadroomScorer
 from scheduler.plugins.max_score import MaxScorePicker
+from scheduler.plugins.prefill_cost import PrefillCostScorer
 from scheduler.plugins.prefix import PrefixScorer
 from scheduler.plugins.queue_depth import QueueScorer
 from scheduler.plugins.saturated import SaturatedFilter
@@ -17,6 +18,7 @@ __all__ = [
     "NoParams",
     "Picker",
     "Plugin",
+    "PrefillCostScorer",
     "PrefixScorer",
     "QueueScorer",
     "SaturatedFilter",

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from scheduler import DeciderParams, DeciderReason, PrefillLocation, decide, decide_for
+from scheduler import DeciderParams, DeciderReason, PrefillLocation, decide, decide_for, default_profiles
 
 from .conftest import make_ctx, make_workers, tokens
 
@@ -34,7 +34,7 @@ def test_params_validate() -> None:
 
 
 def test_decide_for_uses_decode_match_and_prefill_filters(make_tier) -> None:
-    decode, prefill = make_tier(n_workers=2), make_tier()
+    decode, prefill = make_tier(n_workers=2), make_tier(default_profiles()["prefill"])
     toks = tokens(1, 400)
     decode.store("w0", toks[:320])
     ctx = make_ctx(toks)

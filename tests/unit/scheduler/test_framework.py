@@ -8,6 +8,7 @@ import pytest
 
 from scheduler import (
     DEFAULT_CONFIG,
+    WEIGHTED_CONFIG,
     ConfigError,
     CycleContext,
     NoEligibleWorker,
@@ -18,7 +19,14 @@ from scheduler import (
     load_profiles,
     make_scheduler,
 )
-from scheduler.plugins import HealthyFilter, KvHeadroomScorer, PrefixScorer, QueueScorer, SaturatedFilter
+from scheduler.plugins import (
+    HealthyFilter,
+    KvHeadroomScorer,
+    PrefillCostScorer,
+    PrefixScorer,
+    QueueScorer,
+    SaturatedFilter,
+)
 
 from .conftest import FakeClock, make_ctx, make_workers, tokens
 
@@ -27,8 +35,11 @@ def profile(*scorers: tuple[object, float], filters: tuple[object, ...] = ()) ->
     return Profile("p", filters=filters, scorers=scorers)  # type: ignore[arg-type]
 
 
-def test_prefix_hit_wins_by_default(make_tier) -> None:
-    tier = make_tier(n_workers=4)
+WEIGHTED = load_profiles(WEIGHTED_CONFIG)["decode"]
+
+
+def test_prefix_hit_wins_with_the_weighted_profile(make_tier) -> None:
+    tier = make_tier(WEIGHTED, n_workers=4)
     toks = tokens(1, 32)
     tier.store("w2", toks)
     tier.registry.update("w2", kv_usage=0.6, num_running=5)  # busier, but holds the prompt
@@ -49,7 +60,7 @@ def test_weights_decide_between_signals(make_tier) -> None:
 
 
 def test_no_prefix_means_load_reason_and_headroom_wins(make_tier) -> None:
-    tier = make_tier(n_workers=3)
+    tier = make_tier(WEIGHTED, n_workers=3)
     tier.registry.update("w0", kv_usage=0.5)
     tier.registry.update("w1", kv_usage=0.1)
     tier.registry.update("w2", kv_usage=0.3)
@@ -83,7 +94,7 @@ def test_ties_are_random_and_seedable(make_tier) -> None:
 
 
 def test_no_eligible_worker(make_tier) -> None:
-    tier = make_tier()
+    tier = make_tier(load_profiles(None)["prefill"])
     ctx = make_ctx(tokens(1, 8))
     with pytest.raises(NoEligibleWorker) as e:
         tier.scheduler.route(ctx)
@@ -111,7 +122,7 @@ def test_candidates_restrict_and_single_candidate_reason(make_tier) -> None:
 
 def test_metrics_hook_times_every_plugin(make_tier) -> None:
     calls: list[tuple[str, str, float]] = []
-    tier = make_tier(n_workers=2, metrics_hook=lambda *a: calls.append(a))
+    tier = make_tier(WEIGHTED, n_workers=2, metrics_hook=lambda *a: calls.append(a))
     tier.store("w0", tokens(1, 8))
     tier.scheduler.route(make_ctx(tokens(1, 8)))
     names = [c[1] for c in calls]
@@ -152,7 +163,7 @@ def test_block_size_mismatch_is_a_broken_invariant(make_tier) -> None:
 
 
 def test_eligible_counts(make_tier) -> None:
-    tier = make_tier(n_workers=3)
+    tier = make_tier(load_profiles(None)["prefill"], n_workers=3)
     tier.registry.update("w0", kv_usage=0.99)
     assert tier.scheduler.eligible_counts() == (3, 2)
 
@@ -175,9 +186,13 @@ def test_default_profiles() -> None:
     profiles = load_profiles(None)
     assert set(profiles) == {"decode", "prefill"}
     p = profiles["decode"]
-    assert [type(f) for f in p.filters] == [HealthyFilter, SaturatedFilter]
-    assert [(type(s), w) for s, w in p.scorers] == [(PrefixScorer, 2.0), (KvHeadroomScorer, 1.0), (QueueScorer, 1.0)]
+    assert [type(f) for f in p.filters] == [HealthyFilter]
+    assert [(type(s), w) for s, w in p.scorers] == [(PrefillCostScorer, 1.0)]
     assert p.picker.name == "max_score"
+    assert [type(f) for f in profiles["prefill"].filters] == [HealthyFilter, SaturatedFilter]
+    w = load_profiles(WEIGHTED_CONFIG)["prefill"]
+    assert [type(f) for f in w.filters] == [HealthyFilter, SaturatedFilter]
+    assert [(type(s), x) for s, x in w.scorers] == [(PrefixScorer, 2.0), (KvHeadroomScorer, 1.0), (QueueScorer, 1.0)]
 
 
 def test_named_plugins_params_and_implicit_picker() -> None:
@@ -194,7 +209,7 @@ def test_named_plugins_params_and_implicit_picker() -> None:
 
 
 def _with(mutate) -> dict:
-    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    cfg = copy.deepcopy(WEIGHTED_CONFIG)  # the longer config: more entries to break
     mutate(cfg)
     return cfg
 
@@ -231,3 +246,48 @@ def _ref(c: dict, tier: str = "decode") -> list:
 def test_config_errors(mutate, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_profiles(_with(mutate))
+
+
+# ---------------------------------------------------------------------- the cost-based default
+
+
+def test_default_follows_the_prefix_while_its_queue_is_cheaper_than_recomputing(make_tier) -> None:
+    tier = make_tier(n_workers=3)
+    for w in ("w0", "w1", "w2"):
+        tier.registry.update(w, prefill_tps=100.0)  # tokens/s, measured
+    toks = tokens(1, 64)
+    tier.store("w1", toks[:48])  # w1 caches 48 of 64 tokens
+    ctx = make_ctx(toks)
+    d = tier.scheduler.route(ctx)
+    assert (d.worker, d.reason) == ("w1", RouteReason.PREFIX_HIT)  # 16 tokens there vs 64 elsewhere
+    tier.scheduler.on_routed(make_ctx(tokens(2, 40), request_id="other"), "w1")  # 40 more queued on w1
+    assert tier.scheduler.route(ctx).worker == "w1"  # 40 + 16 < 64
+    tier.scheduler.on_routed(make_ctx(tokens(3, 40), request_id="more"), "w1")  # 80 + 16 > 64
+    d = tier.scheduler.route(ctx)
+    assert d.worker in ("w0", "w2") and d.reason == RouteReason.LOAD_OVER_PREFIX
+
+
+def test_default_weighs_cache_and_queue_at_each_workers_measured_rate(make_tier) -> None:
+    tier = make_tier(n_workers=2)
+    toks = tokens(1, 64)
+    tier.store("w0", toks[:32])
+    tier.registry.update("w0", prefill_tps=100.0)  # 32 uncached tokens: 0.32 s
+    tier.registry.update("w1", prefill_tps=400.0)  # nothing cached, 4x faster: 64 tokens, 0.16 s
+    assert tier.scheduler.route(make_ctx(toks)).worker == "w1"
+    tier.registry.update("w1", prefill_tps=150.0)  # 0.43 s
+    assert tier.scheduler.route(make_ctx(toks)).worker == "w0"
+
+
+def test_on_routed_charges_the_uncached_part_to_the_worker_it_went_to(make_tier, clock: FakeClock) -> None:
+    tier = make_tier(n_workers=2)
+    for w in ("w0", "w1"):
+        tier.registry.update(w, prefill_tps=10.0)
+    toks = tokens(1, 32)
+    tier.store("w0", toks[:24])
+    ctx = make_ctx(toks)
+    d = tier.scheduler.route(ctx)
+    tier.scheduler.on_routed(ctx, d.worker, d)
+    tier.scheduler.on_routed(make_ctx(toks, request_id="r2"), "w1")  # a fallback: no decision for w1
+    assert [round(w.queued_prefill_tokens) for w in tier.registry] == [8, 32]
+    clock.advance(0.5)  # 5 tokens drained on each
+    assert [round(w.queued_prefill_tokens) for w in tier.registry] == [3, 27]

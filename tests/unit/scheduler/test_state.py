@@ -40,6 +40,7 @@ def test_update_snapshot_and_unknown_workers(clock: FakeClock) -> None:
         block_size=32,
         healthy=False,
         updated_at=clock.t,
+        prefill_tps=reg.assumed_prefill_tps,  # no measured rate reported yet
     )
     assert not reg.update("gone", kv_usage=0.1)  # a late report cannot resurrect a worker
     assert "gone" not in reg and reg.get("gone") is None
@@ -79,3 +80,32 @@ def test_add_remove_single(clock: FakeClock) -> None:
     reg.remove("a")
     reg.remove("zzz")
     assert reg.ids() == ("b",) and len(reg) == 1
+
+
+def test_prefill_backlog_drains_at_the_measured_rate_and_reports_reanchor(clock: FakeClock) -> None:
+    reg = WorkerRegistry("decode", clock=clock, assumed_prefill_tps=100.0)
+    make_workers(reg, ["a", "b"])
+    reg.add_prefill("a", 500)
+    clock.advance(2)  # drained at the assumed 100 tokens/s
+    assert reg.get("a").queued_prefill_tokens == 300  # type: ignore[union-attr]
+    reg.update("a", prefill_tps=50.0)  # measured: slower; what drained so far stays drained
+    reg.add_prefill("a", 100)
+    clock.advance(4)
+    assert list(reg.queued_prefill()) == [200.0, 0.0]
+    reg.update("a", queued_prefill_tokens=1000)  # the engine's own count replaces the estimate
+    assert reg.get("a").queued_prefill_tokens == 1000  # type: ignore[union-attr]
+    clock.advance(100)
+    assert list(reg.queued_prefill()) == [0.0, 0.0]  # never negative
+    reg.update("b", prefill_tps=0.0)  # not a measurement
+    assert reg.get("b").prefill_tps == 50.0  # type: ignore[union-attr]  # unmeasured: its peers' mean
+
+
+def test_an_unmeasured_worker_is_assumed_as_fast_as_its_peers(clock: FakeClock) -> None:
+    # Assuming a new worker slower than its measured peers would starve it of the work that measures it.
+    reg = WorkerRegistry("decode", clock=clock, assumed_prefill_tps=1000.0)
+    make_workers(reg, ["a", "b", "c"])
+    reg.update("a", prefill_tps=20000.0)
+    reg.update("b", prefill_tps=10000.0)
+    assert [w.prefill_tps for w in reg] == [20000.0, 10000.0, 15000.0]
+    reg.sync(["a", "b", "c", "d"])
+    assert reg.get("d").prefill_tps == 15000.0  # type: ignore[union-attr]
