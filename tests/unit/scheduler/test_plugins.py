@@ -12,10 +12,13 @@ from scheduler.plugins import (
     HealthyFilter,
     KvHeadroomScorer,
     MaxScorePicker,
+    PrefillCostScorer,
     PrefixScorer,
     QueueScorer,
     SaturatedFilter,
 )
+
+from scheduler.plugins.prefill_cost import estimated_wait_s
 
 from .conftest import FakeClock, make_workers
 
@@ -98,3 +101,47 @@ def test_max_score_picker_breaks_ties_uniformly() -> None:
     assert a == b
     strict = MaxScorePicker(params={"tie_tolerance": 0.0})
     assert {strict.pick(scores, rng) for _ in range(200)} == {1, 3}
+
+
+# ---------------------------------------------------------------------- prefill_cost
+
+
+def cost_cycle(reg: WorkerRegistry, clock: FakeClock, matched: list[int], prompt: int, rate: float = 0.0) -> CycleContext:
+    ctx = RequestContext("r", list(range(prompt // 4)), prompt, 4)
+    return CycleContext(ctx, clock(), np.array(matched, dtype=np.int64), rate)
+
+
+def test_prefill_cost_is_queue_plus_own_suffix_at_each_rate(reg: WorkerRegistry, clock: FakeClock) -> None:
+    for w, tps in zip(reg.ids(), (100.0, 100.0, 200.0, 100.0)):
+        reg.update(w, prefill_tps=tps)
+    reg.add_prefill("w1", 30)
+    c = cost_cycle(reg, clock, [0, 10, 0, 15], prompt=64)
+    # own: 64, 24, 64, 4 tokens (at least 1); queued: 0, 30, 0, 0
+    assert estimated_wait_s(c, reg.view()).tolist() == pytest.approx([0.64, 0.54, 0.32, 0.04])
+    s = PrefillCostScorer().score(c, reg.view(), ALL)
+    assert s.tolist() == pytest.approx([0.04 / 0.64, 0.04 / 0.54, 0.04 / 0.32, 1.0])
+    keep = np.array([True, True, True, False])
+    assert int(np.argmax(np.where(keep, PrefillCostScorer().score(c, reg.view(), keep), -1))) == 2
+
+
+def test_prefill_cost_waits_for_kv_blocks_to_free(reg: WorkerRegistry, clock: FakeClock) -> None:
+    for w in reg.ids():
+        reg.update(w, prefill_tps=100.0, capacity_blocks=100, kv_usage=0.5, num_running=5)
+    reg.update("w0", kv_usage=0.9, num_running=9)  # 9 requests of 10 blocks: 10 free
+    c = cost_cycle(reg, clock, [0, 0, 0, 0], prompt=64, rate=2.0)  # needs 16 blocks of 4
+    wait = estimated_wait_s(c, reg.view())
+    # running 24 requests at 2/s: 12 s running each; 6 of w0's 90 held blocks free in 6/90 of that
+    assert wait.tolist() == pytest.approx([0.64 + 6 / 90 * 12, 0.64, 0.64, 0.64])
+    assert estimated_wait_s(cost_cycle(reg, clock, [0] * 4, 64, rate=0.0), reg.view()).tolist() == [0.64] * 4
+
+
+def test_prefill_cost_values_saved_work_more_when_the_tier_is_busy(reg: WorkerRegistry, clock: FakeClock) -> None:
+    for w in reg.ids():
+        reg.update(w, prefill_tps=100.0)
+    reg.add_prefill("w0", 56)  # w0 caches 48 of 64 tokens but has 56 queued: 0.72 s; others 0.64 s
+    keep = np.array([True, True, False, False])
+    idle = PrefillCostScorer().score(cost_cycle(reg, clock, [12, 0, 0, 0], 64, rate=0.0), reg.view(), keep)
+    assert idle[1] > idle[0]  # nobody else is coming: this request's own wait decides
+    busy = PrefillCostScorer().score(cost_cycle(reg, clock, [12, 0, 0, 0], 64, rate=2.0), reg.view(), keep)
+    # 1 request/s per worker: 0.72 * (1 + 0.16) < 0.64 * (1 + 0.64)
+    assert busy[0] > busy[1] and busy[0] == 1.0
