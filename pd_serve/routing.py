@@ -24,8 +24,16 @@ from typing import Any
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from pd_serve import metrics as m
+from pd_serve import routing_metrics
 from pd_serve.protocol import RoutingHint
-from scheduler import KVEventSubscriber, NoEligibleWorker, RequestContext, load_profiles, make_scheduler
+from scheduler import (
+    KVEventSubscriber,
+    NoEligibleWorker,
+    RequestContext,
+    SubscriberStats,
+    load_profiles,
+    make_scheduler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,8 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         self.block_size = block_size
         self.sched = make_scheduler(tier, block_size, profile=profile, metrics_hook=_plugin_timer)
         self._subs: dict[str, KVEventSubscriber] = {}
+        self.retired_event_stats = SubscriberStats()  # counts of subscribers stopped so far
+        routing_metrics.track(self)
         self._pending: dict[str, tuple[RequestContext, Any]] = {}  # chosen, not yet routed
         self._inflight: dict[str, str] = {}  # routed, not yet completed -> worker
 
@@ -77,7 +87,9 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         ids = {r.replica_id.unique_id for r in replicas}
         self.sched.registry.sync(ids)
         for rid in set(self._subs) - ids:
-            self._subs.pop(rid).stop()
+            sub = self._subs.pop(rid)
+            sub.stop()
+            routing_metrics.add_stats(self.retired_event_stats, sub.stats)
 
     def _refresh(self, replicas: list[RunningReplica]) -> None:
         for r in replicas:
