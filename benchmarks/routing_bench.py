@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import heapq
 import json
 import random
@@ -55,11 +56,14 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import harness  # noqa: E402
 from scheduler import (  # noqa: E402
+    WEIGHTED_CONFIG,
+    Decision,
     KVEventSubscriber,
     NoEligibleWorker,
     RequestContext,
     Scheduler,
     block_keys,
+    load_profiles,
     make_scheduler,
 )
 from scheduler.events import (  # noqa: E402
@@ -164,6 +168,8 @@ def bench_throughput(n_workers: int, args: argparse.Namespace) -> dict[str, Any]
                 apply_batch(index, w, decode_batch(payload))
     populate_s = time.perf_counter() - t0
     capacity = {w: len(have) + n_blocks for w, have in cached.items()}  # engines stay at their populated size
+    for w in ids:  # engines report their KV size and measured prefill rate, as in the replay
+        sched.registry.update(w, capacity_blocks=capacity[w], prefill_tps=float(rng.uniform(5000, 20000)))
 
     def query() -> np.ndarray:
         u = prng.random()
@@ -255,8 +261,9 @@ class TraceRequest:
 
 
 def load_trace(path: Path, limit: int | None) -> list[TraceRequest]:
+    """Read a Mooncake-format trace (JSON lines; ``.gz`` is decompressed)."""
     out = []
-    with path.open() as f:
+    with gzip.open(path, "rt") if path.suffix == ".gz" else path.open() as f:
         for line in f:
             if not line.strip():
                 continue
@@ -296,12 +303,17 @@ ENGINE_SALT = 0x9E3779B97F4A7C15
 class SimWorker:
     wid: str
     capacity: int
+    prefill_tps: float = 20000.0
     cache: OrderedDict[int, int] = field(default_factory=OrderedDict)  # our key -> engine hash
     queue: list[int] = field(default_factory=list)
     busy: bool = False
+    busy_until: float = 0.0
     running: int = 0
     held_blocks: int = 0
     seq: int = 0
+    requests: int = 0  # routed here
+    prefill_tokens: int = 0  # computed here (uncached prompt tokens)
+    prefill_busy_s: float = 0.0
 
     def prefix_len(self, keys: list[int]) -> int:
         n = 0
@@ -331,15 +343,19 @@ class Replay:
         self.args = args
         self.now = 0.0
         self.rng = random.Random(args.seed)
-        self.workers = [SimWorker(f"engine-{i}", capacity) for i in range(args.sim_workers)]
+        speeds = args.speeds or [1.0]
+        self.workers = [
+            SimWorker(f"engine-{i}", capacity, prefill_tps * speeds[i % len(speeds)]) for i in range(args.sim_workers)
+        ]
         self.by_id = {w.wid: w for w in self.workers}
         self.rr = 0
         self.sched: Scheduler | None = None
         self.sub: KVEventSubscriber | None = None
         if policy.startswith("scheduler"):
             approx = policy == "scheduler_approx"
+            profile = load_profiles(WEIGHTED_CONFIG)["decode"] if policy == "scheduler_weighted" else None
             self.sched = make_scheduler(
-                "decode", TRACE_BLOCK, approximate=approx, rng=args.seed, clock=lambda: self.now
+                "decode", TRACE_BLOCK, profile=profile, approximate=approx, rng=args.seed, clock=lambda: self.now
             )
             self.sched.registry.sync(w.wid for w in self.workers)
             for w in self.workers:
@@ -349,7 +365,8 @@ class Replay:
                 self.sub = KVEventSubscriber(self.sched.index, "inproc://sim", lambda topic: topic.decode())
         self.hit_tokens = 0
         self.prompt_tokens = 0
-        self.ttft: list[float] = []
+        self.ttft: dict[int, float] = {}  # by request index
+        self.queue_wait: dict[int, float] = {}  # arrival to start of prefill
         self.reasons: Counter[str] = Counter()
         self.index_misses = 0  # scheduler believed more blocks than the engine had
 
@@ -361,19 +378,22 @@ class Replay:
         self.sub.handle([w.wid.encode(), w.seq.to_bytes(8, "big"), payload])
         w.seq += 1
 
-    def route(self, ctx: RequestContext, keys: list[int]) -> str:
+    def route(self, ctx: RequestContext, keys: list[int]) -> tuple[str, Decision | None]:
         if self.sched is not None:
             try:
                 d = self.sched.route(ctx)
             except NoEligibleWorker:  # everyone saturated: fall back to the least loaded
                 w = min(self.workers, key=lambda w: len(w.queue) + w.running)
                 self.reasons["no_eligible"] += 1
-                return w.wid
+                return w.wid, None
             self.reasons[d.reason.value] += 1
             real = self.by_id[d.worker].prefix_len(keys)
             if d.matched_blocks > real:
                 self.index_misses += 1
-            return d.worker
+            return d.worker, d
+        return self._baseline(keys), None
+
+    def _baseline(self, keys: list[int]) -> str:
         if self.policy == "round_robin":
             self.rr = (self.rr + 1) % len(self.workers)
             return self.workers[self.rr].wid
@@ -387,15 +407,27 @@ class Replay:
             return self.rng.choice([w.wid for w, s in zip(self.workers, scored) if s == best])
         raise ValueError(self.policy)
 
+    def queued_prefill_tokens(self, w: SimWorker) -> float:
+        """What the engine would report: uncached tokens of its queue, plus the rest of the running prefill."""
+        q = sum(
+            self.reqs[i].input_length - min(w.prefix_len(self.ctxs[i][1]), cacheable_blocks(self.reqs[i])) * TRACE_BLOCK
+            for i in w.queue
+        )
+        return q + max(0.0, w.busy_until - self.now) * w.prefill_tps
+
     def report_stats(self) -> None:
         if self.sched is None:
             return
+        full = self.args.engine_reports == "full"
         for w in self.workers:
             self.sched.registry.update(
                 w.wid,
                 kv_usage=min(1.0, w.held_blocks / w.capacity),
                 num_running=w.running,
                 num_waiting=len(w.queue),
+                # measured by the engine: tokens computed / seconds spent computing them
+                prefill_tps=w.prefill_tokens / w.prefill_busy_s if full and w.prefill_busy_s > 0 else None,
+                queued_prefill_tokens=self.queued_prefill_tokens(w) if full else None,
             )
 
     def run(self) -> dict[str, Any]:
@@ -412,7 +444,7 @@ class Replay:
             push(r.t, "arrive", i)
         if self.sched is not None:
             push(0.0, "stats", None)
-        ctxs: dict[int, tuple[RequestContext, list[int]]] = {}
+        self.ctxs = ctxs = {}
         arrivals: dict[int, float] = {}
         pending = len(self.reqs)
         while heap and pending:
@@ -426,10 +458,11 @@ class Replay:
                 toks = self.tokens[r.hash_ids].ravel()[: r.input_length]
                 ctx = RequestContext.from_tokens(f"r{i}", toks, TRACE_BLOCK)
                 keys = list(ctx.block_keys)
-                wid = self.route(ctx, keys)
+                wid, decision = self.route(ctx, keys)
                 if self.sched is not None:
-                    self.sched.on_routed(ctx, wid)
+                    self.sched.on_routed(ctx, wid, decision)
                 w = self.by_id[wid]
+                w.requests += 1
                 ctxs[i] = (ctx, keys)
                 arrivals[i] = self.now
                 w.queue.append(i)
@@ -439,9 +472,13 @@ class Replay:
                 w = self.by_id[payload]
                 if w.busy or not w.queue:
                     continue
+                r = self.reqs[w.queue[0]]
+                blocks = -(-(r.input_length + r.output_length) // TRACE_BLOCK)
+                if args.kv_admission and w.running and w.held_blocks + blocks > w.capacity:
+                    continue  # KV full: wait until a running request ends ("done" retries)
                 i = w.queue.pop(0)
-                r = self.reqs[i]
                 ctx, keys = ctxs.pop(i)
+                self.queue_wait[i] = self.now - arrivals[i]
                 hit = min(w.prefix_len(keys), cacheable_blocks(r))
                 self.hit_tokens += hit * TRACE_BLOCK
                 self.prompt_tokens += r.input_length
@@ -462,10 +499,12 @@ class Replay:
                 if removed:  # vLLM publishes one BlockRemoved per evicted block
                     self.publish(w, [BlockRemoved(block_hashes=[h], medium="GPU") for h in removed])
                 uncached = r.input_length - hit * TRACE_BLOCK
-                prefill_s = uncached / self.prefill_tps
+                prefill_s = uncached / w.prefill_tps
+                w.prefill_tokens += uncached
+                w.prefill_busy_s += prefill_s
+                w.busy_until = self.now + prefill_s
                 w.busy = True
                 w.running += 1
-                blocks = -(-(r.input_length + r.output_length) // TRACE_BLOCK)
                 w.held_blocks += blocks
                 stored = None
                 if new_hashes:
@@ -486,7 +525,7 @@ class Replay:
                 if stored is not None:
                     # evicted since start? the engine would not report blocks it no longer holds
                     self.publish(w, [stored])
-                self.ttft.append(self.now - arrivals.pop(i))
+                self.ttft[i] = self.now - arrivals.pop(i)
                 w.busy = False
                 if w.queue:
                     push(self.now, "start", wid)
@@ -497,13 +536,29 @@ class Replay:
                 w.running -= 1
                 w.held_blocks -= blocks
                 pending -= 1
+                if w.queue and not w.busy:
+                    push(self.now, "start", wid)
                 if self.sched is not None:
                     self.sched.on_completed(wid)
+        reqs_per = [w.requests for w in self.workers]
+        toks_per = [w.prefill_tokens for w in self.workers]
         out: dict[str, Any] = {
             "policy": self.policy,
             "hit_rate": self.hit_tokens / self.prompt_tokens,
-            "ttft_mean_s": float(np.mean(self.ttft)),
-            "ttft_p99_s": _pct(self.ttft, 99),
+            "ttft_mean_s": float(np.mean(list(self.ttft.values()))),
+            "ttft_p99_s": _pct(list(self.ttft.values()), 99),
+            "queue_wait_mean_s": float(np.mean(list(self.queue_wait.values()))),
+            "queue_wait_p99_s": _pct(list(self.queue_wait.values()), 99),
+            "workers": {
+                "requests": reqs_per,
+                "prefill_tokens": toks_per,
+                "requests_max": max(reqs_per),
+                "requests_mean": float(np.mean(reqs_per)),
+                "requests_max_over_mean": max(reqs_per) / float(np.mean(reqs_per)),
+                "prefill_tokens_max": max(toks_per),
+                "prefill_tokens_mean": float(np.mean(toks_per)),
+                "prefill_tokens_max_over_mean": max(toks_per) / max(1e-9, float(np.mean(toks_per))),
+            },
         }
         if self.sched is not None:
             out["reasons"] = dict(self.reasons)
@@ -521,19 +576,52 @@ def ctx_tokens(tokens: np.ndarray, r: TraceRequest, first_block: int, last_block
 
 
 def bench_replay(args: argparse.Namespace) -> dict[str, Any]:
+    """Every policy on every cell (capacity, load), once per seed of ``--seeds``.
+
+    A seed draws the token ids behind the trace's hash ids and every tie-break. With a few
+    hundred blocks per engine the hit rate of any one seed moves by several percent, so each
+    ``runs[]`` entry is the mean over the seeds (``per_seed`` keeps each), and ``vs_oracle`` is
+    the ratio of the means."""
     reqs = load_trace(args.trace, args.trace_limit)
     n_ids = max(max(r.hash_ids) for r in reqs) + 1
-    tokens = np.random.default_rng(args.seed).integers(0, VOCAB, size=(n_ids, TRACE_BLOCK), dtype=np.uint32)
     ub = upper_bound_hit_rate(reqs)
-    results: list[dict[str, Any]] = []
-    runs = [("normal", cap, args.prefill_tps, p) for cap in args.capacities for p in args.policies]
+    cells = [("normal", cap, args.prefill_tps) for cap in args.capacities]
     if args.loaded_prefill_tps:
-        runs += [("loaded", args.loaded_capacity, args.loaded_prefill_tps, p) for p in args.policies]
-    for load, cap, tps, policy in tqdm(runs, desc="replay"):
+        cells.append(("loaded", args.loaded_capacity, args.loaded_prefill_tps))
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    per_seed: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    todo = [(s, c, p) for s in seeds for c in cells for p in args.policies]
+    tokens = None
+    for seed, (load, cap, tps), policy in tqdm(todo, desc="replay"):
+        if tokens is None or tokens[0] != seed:
+            rng = np.random.default_rng(seed)
+            tokens = (seed, rng.integers(0, VOCAB, size=(n_ids, TRACE_BLOCK), dtype=np.uint32))
         t0 = time.perf_counter()
-        res = Replay(policy, reqs, tokens, args, cap, tps).run()
-        res.update(load=load, capacity_blocks=cap, prefill_tps=tps)
-        res["wall_s"] = round(time.perf_counter() - t0, 2)
+        res = Replay(policy, reqs, tokens[1], argparse.Namespace(**{**vars(args), "seed": seed}), cap, tps).run()
+        res.update(seed=seed, wall_s=round(time.perf_counter() - t0, 2))
+        per_seed.setdefault((load, cap, policy), []).append(res)
+    results: list[dict[str, Any]] = []
+    for (load, cap, policy), runs in per_seed.items():
+        res = {
+            "policy": policy,
+            "load": load,
+            "capacity_blocks": cap,
+            "prefill_tps": next(t for lo, c, t in cells if (lo, c) == (load, cap)),
+            "seeds": len(runs),
+        }
+        for key in ("hit_rate", "ttft_mean_s", "ttft_p99_s", "queue_wait_mean_s", "queue_wait_p99_s"):
+            res[key] = float(np.mean([r[key] for r in runs]))
+        res["workers"] = runs[0]["workers"] | {
+            k: float(np.mean([r["workers"][k] for r in runs]))
+            for k in ("requests_max_over_mean", "prefill_tokens_max_over_mean")
+        }
+        res["workers"]["first_seed_only"] = ["requests", "prefill_tokens", "requests_max", "prefill_tokens_max"]
+        for key in ("reasons", "index_overestimates", "index_stats", "subscriber_stats"):
+            if key in runs[0]:
+                res[key] = runs[0][key]
+        res["per_seed"] = [
+            {k: r[k] for k in ("seed", "hit_rate", "ttft_mean_s", "ttft_p99_s", "wall_s")} for r in runs
+        ]
         results.append(res)
     for res in results:
         oracle = next(
@@ -543,13 +631,48 @@ def bench_replay(args: argparse.Namespace) -> dict[str, Any]:
         )
         res["vs_oracle"] = res["hit_rate"] / oracle["hit_rate"] if oracle["hit_rate"] else float("nan")
         res["vs_upper_bound"] = res["hit_rate"] / ub
-    return {
+    out = {
         "trace": harness.rel(args.trace),
         "requests": len(reqs),
         "unique_blocks": n_ids,
         "upper_bound_hit_rate": ub,
+        "seeds": seeds,
         "runs": results,
     }
+    out["targets"] = target_verdicts(out)
+    return out
+
+
+def target_verdicts(rep: dict[str, Any], policy: str = "scheduler") -> list[dict[str, Any]]:
+    """Issue 10's replay targets per cell: ``policy``'s hit rate >= 0.95 of the oracle's, and its
+    TTFT mean and p99 no worse than the better of round_robin and least_loaded (computed, per cell,
+    from the runs of this one invocation)."""
+    out = []
+    cells = dict.fromkeys((r["load"], r["capacity_blocks"]) for r in rep["runs"])
+    for load, cap in cells:
+        runs = {r["policy"]: r for r in rep["runs"] if (r["load"], r["capacity_blocks"]) == (load, cap)}
+        base = [runs[b] for b in ("round_robin", "least_loaded") if b in runs]
+        if policy not in runs or not base:
+            continue
+        s = runs[policy]
+        best_mean = min(b["ttft_mean_s"] for b in base)
+        best_p99 = min(b["ttft_p99_s"] for b in base)
+        out.append(
+            {
+                "load": load,
+                "capacity_blocks": cap,
+                "policy": policy,
+                "vs_oracle": s["vs_oracle"],
+                "hit_ok": s["vs_oracle"] >= 0.95,
+                "ttft_mean_s": s["ttft_mean_s"],
+                "best_mean_s": best_mean,
+                "mean_ok": s["ttft_mean_s"] <= best_mean,
+                "ttft_p99_s": s["ttft_p99_s"],
+                "best_p99_s": best_p99,
+                "p99_ok": s["ttft_p99_s"] <= best_p99,
+            }
+        )
+    return out
 
 
 # ---------------------------------------------------------------------- output
@@ -562,6 +685,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [k for k in ("throughput", "replay") if k in result]
+    if "replay" in result:
+        panels.append("ttft")
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, key in zip(axes[0], panels):
         if key == "throughput":
@@ -582,6 +707,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_title(f"Decision cost, {result['config']['prompt_tokens']}-token prompts")
             ax.legend(loc="lower left")
             ax.margins(y=0.2)
+        elif key == "ttft":
+            rep = result["replay"]
+            normal = [r for r in rep["runs"] if r["load"] == "normal"]
+            caps = sorted({r["capacity_blocks"] for r in normal})
+            for j, policy in enumerate(dict.fromkeys(r["policy"] for r in normal)):
+                cell = {r["capacity_blocks"]: r for r in normal if r["policy"] == policy}
+                color = f"C{j}"
+                ax.plot(caps, [cell[c]["ttft_mean_s"] for c in caps], marker="o", color=color, label=f"{policy} mean")
+                ax.plot(caps, [cell[c]["ttft_p99_s"] for c in caps], marker="x", ls="--", color=color, lw=1)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(f"KV capacity per engine (blocks of {TRACE_BLOCK} tokens)")
+            ax.set_ylabel("simulated TTFT (s): mean (solid), p99 (dashed)")
+            ax.set_title(f"TTFT, {Path(rep['trace']).name}")
+            ax.legend(fontsize=7)
         else:
             rep = result["replay"]
             normal = [r for r in rep["runs"] if r["load"] == "normal"]
@@ -596,7 +736,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_xscale("log")
             ax.set_xlabel(f"KV capacity per engine (blocks of {TRACE_BLOCK} tokens)")
             ax.set_ylabel("prefix-cache hit rate (tokens)")
-            ax.set_title(f"Trace replay, {result['config']['sim_workers']} engines, {rep['requests']} requests")
+            ax.set_title(f"Hit rate, {result['config']['sim_workers']} engines, {rep['requests']} requests")
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -621,21 +761,50 @@ def print_tables(result: dict[str, Any]) -> None:
         rep = result["replay"]
         print(f"\n(b) trace replay: {rep['requests']} requests, upper bound hit rate {rep['upper_bound_hit_rate']:.3f}")
         print(
-            f"{'load':>6} {'capacity':>8} {'policy':>17} {'hit rate':>9} {'vs oracle':>10} {'vs UB':>7} "
+            f"{'load':>6} {'capacity':>8} {'policy':>18} {'hit rate':>9} {'vs oracle':>10} {'vs UB':>7} "
             f"{'TTFT mean':>10} {'TTFT p99':>9}"
         )
         for r in rep["runs"]:
             print(
-                f"{r['load']:>6} {r['capacity_blocks']:>8} {r['policy']:>17} {r['hit_rate']:>9.3f} "
+                f"{r['load']:>6} {r['capacity_blocks']:>8} {r['policy']:>18} {r['hit_rate']:>9.3f} "
                 f"{r['vs_oracle']:>10.3f} {r['vs_upper_bound']:>7.3f} {r['ttft_mean_s']:>9.2f}s"
                 f" {r['ttft_p99_s']:>8.2f}s"
             )
+        print(
+            "\nper worker: requests and prefill tokens (computed, not cached), max and mean over workers "
+            "(counts: first seed; max/mean: mean over the seeds)"
+        )
+        print(
+            f"{'load':>6} {'capacity':>8} {'policy':>18} {'req max':>8} {'req mean':>9} {'max/mean':>8} "
+            f"{'tok max':>11} {'tok mean':>11} {'max/mean':>8}  requests per worker"
+        )
+        for r in rep["runs"]:
+            w = r["workers"]
+            print(
+                f"{r['load']:>6} {r['capacity_blocks']:>8} {r['policy']:>18} {w['requests_max']:>8} "
+                f"{w['requests_mean']:>9.1f} {w['requests_max_over_mean']:>8.2f} {w['prefill_tokens_max']:>11,} "
+                f"{w['prefill_tokens_mean']:>11,.0f} {w['prefill_tokens_max_over_mean']:>8.2f}  "
+                + " ".join(str(x) for x in w["requests"])
+            )
+        verdicts = target_verdicts(rep)
+        if verdicts:
+            print("\ntargets (scheduler vs the oracle's hit rate, and vs the better of round_robin and least_loaded)")
+            for v in verdicts:
+                print(
+                    f"{v['load']:>6} {v['capacity_blocks']:>8} hit/oracle {v['vs_oracle']:.3f} "
+                    f"{'ok' if v['hit_ok'] else 'MISSED'}; TTFT mean {v['ttft_mean_s']:.2f}s vs {v['best_mean_s']:.2f}s "
+                    f"{'ok' if v['mean_ok'] else 'MISSED'}; p99 {v['ttft_p99_s']:.2f}s vs {v['best_p99_s']:.2f}s "
+                    f"{'ok' if v['p99_ok'] else 'MISSED'}"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=["all", "throughput", "replay"], default="all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds", type=int, default=3, help="replay: repeat every cell with seeds seed..seed+N-1 and report means"
+    )
     p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[16, 256, 1024])
     p.add_argument("--decisions", type=int, default=5000)
     p.add_argument("--warmup", type=int, default=200, help="extra warm-up decisions after the speculative TTL")
@@ -653,7 +822,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--policies",
         type=lambda s: s.split(","),
-        default=["scheduler", "scheduler_approx", "round_robin", "least_loaded", "oracle"],
+        default=["scheduler", "scheduler_approx", "scheduler_weighted", "round_robin", "least_loaded", "oracle"],
+    )
+    p.add_argument(
+        "--engine-reports",
+        choices=["full", "basic"],
+        default="full",
+        help="full: engines also report their measured prefill rate and queued prefill tokens; "
+        "basic: only KV usage and queues (the router then relies on its own backlog estimate)",
+    )
+    p.add_argument(
+        "--kv-admission",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an engine starts a request only when its prompt + output blocks fit next to the running "
+        "requests' (as vLLM admits); --no-kv-admission: unlimited running blocks",
+    )
+    p.add_argument(
+        "--speeds",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=None,
+        help="relative prefill speed per engine, cycled (e.g. 1,0.5: every other engine at half speed)",
     )
     p.add_argument("--prefill-tps", type=float, default=20000.0, help="simulated prefill tokens/s per engine")
     p.add_argument(
