@@ -41,7 +41,8 @@ from pd_serve.engine import KV_EVENTS_TOPIC
 from pd_serve.phases import InFlight
 from pd_serve.protocol import (Accepted, DecodeTimeline, Head, JSONReply, PrefillResult, ReplicaInfo,
                                RequestKind, RoutingHint)
-from scheduler import DeciderParams, KVEventSubscriber, PrefixIndex, decide
+from scheduler import DeciderParams, KVEventSubscriber, PrefixIndex, count_eligible, decide, load_profiles
+from scheduler.plugins import SaturatedFilter
 
 logger = logging.getLogger(__name__)
 _METRICS_BASE_PORT = 29600
@@ -161,6 +162,16 @@ class PrefillServer(_EngineReplica):
             replica_id=self.replica_id, compute_s=time.perf_counter() - t0)
 
 
+def prefill_filters(router: Any) -> tuple[Any, ...]:
+    """The filters that make a prefill replica ineligible for the P/D decider: the scheduler's own
+    (the prefill profile's when `router.profiles` is set, else a `saturated` filter at
+    `prefill_saturation_kv_usage` and `prefill_max_waiting` waiting requests)."""
+    if router.profiles:
+        return load_profiles(router.profiles)["prefill"].filters
+    return (SaturatedFilter(params={"kv_usage_threshold": router.prefill_saturation_kv_usage,
+                                    "max_waiting": router.prefill_max_waiting - 1}),)  # saturated AT this many
+
+
 class DecodeServer(_EngineReplica):
     """KV consumer that orchestrates each request: remote prefill (or local), then decode."""
 
@@ -174,6 +185,7 @@ class DecodeServer(_EngineReplica):
         self._stream_interval_s = self.cfg.ingress.stream_interval_ms / 1000
         r = self.cfg.router
         self._decider = DeciderParams(threshold_tokens=r.remote_prefill_min_tokens)
+        self._prefill_filters = prefill_filters(r)
         # What this engine caches, from its own KV events: the decider's "uncached suffix".
         self._own_index: PrefixIndex | None = None
         if self.host.kv_events_endpoint is not None:
@@ -200,10 +212,7 @@ class DecodeServer(_EngineReplica):
     def _decide(self, hint: RoutingHint | None) -> tuple[str, str]:
         if self._prefill is None:
             return "local", "no_prefill_tier"
-        r = self.cfg.router
-        workers = len(self._prefill_state)
-        eligible = sum(1 for p in self._prefill_state
-                       if p.kv_usage < r.prefill_saturation_kv_usage and p.num_waiting < r.prefill_max_waiting)
+        workers, eligible = count_eligible(self._prefill_state, self._prefill_filters)
         if hint is None:  # no token ids (e.g. a batch prompt): only the tier's state decides
             prompt, cached = self._decider.threshold_tokens + 1, 0
         else:

@@ -22,7 +22,16 @@ See docs/scheduler.md.
 """
 
 from scheduler.context import CycleContext, RequestContext
-from scheduler.decider import DeciderParams, DeciderReason, PDDecision, PrefillLocation, decide, decide_for
+from scheduler.decider import (
+    DeciderParams,
+    DeciderReason,
+    PDDecision,
+    PrefillLocation,
+    ReplicaLoad,
+    count_eligible,
+    decide,
+    decide_for,
+)
 from scheduler.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -86,6 +95,7 @@ __all__ = [
     "PrefillScalingParams",
     "PrefixIndex",
     "Profile",
+    "ReplicaLoad",
     "RequestContext",
     "RouteReason",
     "ScaleDecision",
@@ -99,6 +109,7 @@ __all__ = [
     "WEIGHTED_CONFIG",
     "apply_batch",
     "block_keys",
+    "count_eligible",
     "decide",
     "decide_for",
     "decode_batch",

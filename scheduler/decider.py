@@ -17,17 +17,37 @@ decider:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from scheduler.context import RequestContext
     from scheduler.framework import Decision, Scheduler
+    from scheduler.plugins.base import Filter
 
-__all__ = ["DeciderParams", "DeciderReason", "PDDecision", "PrefillLocation", "decide", "decide_for"]
+
+class ReplicaLoad(Protocol):
+    """What `count_eligible` reads of a replica (pd_serve's heartbeat ``ReplicaInfo`` has it)."""
+
+    replica_id: str
+    kv_usage: float
+    num_running: int
+    num_waiting: int
+
+__all__ = [
+    "DeciderParams",
+    "DeciderReason",
+    "PDDecision",
+    "PrefillLocation",
+    "ReplicaLoad",
+    "count_eligible",
+    "decide",
+    "decide_for",
+]
 
 
 class PrefillLocation(StrEnum):
@@ -114,3 +134,24 @@ def decide_for(
         return decide(ctx.prompt_tokens, decode_decision.matched_tokens, 0, 0, p)
     workers, eligible = prefill.eligible_counts(ctx)
     return decide(ctx.prompt_tokens, decode_decision.matched_tokens, workers, eligible, p)
+
+
+def count_eligible(replicas: Iterable[ReplicaLoad], filters: Sequence[Filter]) -> tuple[int, int]:
+    """``(registered, eligible)``: ``replicas`` run through ``filters``, the prefill profile's own.
+
+    For a decode replica that knows the prefill tier only from heartbeats (no `Scheduler` of its
+    own for that tier): the same filter code as the prefill router's, so "saturated" means one
+    thing. Called once per request that is long enough to prefill remotely; builds a small
+    registry (tens of microseconds for a handful of replicas).
+    """
+    from scheduler.framework import Profile, Scheduler
+    from scheduler.state import WorkerRegistry
+
+    replicas = list(replicas)
+    if not replicas:
+        return 0, 0
+    registry = WorkerRegistry("prefill")
+    registry.sync(r.replica_id for r in replicas)
+    for r in replicas:
+        registry.update(r.replica_id, kv_usage=r.kv_usage, num_running=r.num_running, num_waiting=r.num_waiting)
+    return Scheduler(Profile("prefill", filters=tuple(filters)), registry).eligible_counts()

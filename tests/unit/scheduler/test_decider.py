@@ -49,3 +49,20 @@ def test_decide_for_uses_decode_match_and_prefill_filters(make_tier) -> None:
     assert decide_for(long_ctx, d, prefill.scheduler, P).reason is DeciderReason.PREFILL_SATURATED
     prefill.registry.update("w1", kv_usage=0.2)
     assert decide_for(long_ctx, d, prefill.scheduler, P).location is PrefillLocation.REMOTE
+
+
+def test_count_eligible_runs_the_prefill_profiles_own_filters() -> None:
+    from types import SimpleNamespace
+
+    from scheduler import count_eligible
+    from scheduler.plugins import SaturatedFilter
+
+    def replica(rid: str, kv: float, waiting: int) -> SimpleNamespace:
+        return SimpleNamespace(replica_id=rid, kv_usage=kv, num_running=1, num_waiting=waiting)
+
+    filters = default_profiles()["prefill"].filters
+    assert count_eligible([], filters) == (0, 0)
+    heartbeats = [replica("p0", 0.2, 0), replica("p1", 0.96, 0), replica("p2", 0.2, 33), replica("p3", 0.94, 32)]
+    assert count_eligible(heartbeats, filters) == (4, 2)  # the saturated filter's own bounds: 0.95, > 32
+    strict = (SaturatedFilter(params={"kv_usage_threshold": 0.5, "max_waiting": 0}),)
+    assert count_eligible(heartbeats, strict) == (4, 1)
