@@ -106,8 +106,12 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
                     prefill_tps=stats.get("prefill_tps"), queued_prefill_tokens=stats.get("queued_prefill_tokens"))
             endpoint = stats.get("kv_events_endpoint")
             if endpoint and rid not in self._subs:
-                sub = KVEventSubscriber(self.sched.index, endpoint, rid, topic=stats.get("kv_events_topic", ""))
-                sub.start()
+                # with the engine's replay socket (optional stats key), a new or restarted router
+                # rebuilds the engine's blocks from vLLM's replay buffer at once (warm start)
+                replay = stats.get("kv_events_replay_endpoint")
+                sub = KVEventSubscriber(self.sched.index, endpoint, rid, topic=stats.get("kv_events_topic", ""),
+                                        replay_endpoint=replay)
+                sub.start(warm=replay is not None)
                 self._subs[rid] = sub
 
     # -- routing ----------------------------------------------------------------------------

@@ -223,6 +223,7 @@ class KVEventSubscriber:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._warm = False
 
     # ------------------------------------------------------------------ protocol
 
@@ -267,6 +268,33 @@ class KVEventSubscriber:
         self.stats.batches += 1
         self.stats.events += apply_batch(self.index, worker, batch)
 
+    def _warm_replay(self) -> None:
+        """Apply every batch the engine's replay buffer holds, in order; remember each topic's
+        last sequence number so live messages continue from there. Called once, before the
+        subscription, from the receive thread."""
+        import zmq
+
+        topic_prefix = self.topic.encode("utf-8")
+        sock: Any = zmq.Context.instance().socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.replay_endpoint)
+            sock.send_multipart([b"", (0).to_bytes(8, "big")])
+            while sock.poll(int(self.replay_timeout_s * 1000)):
+                frames = sock.recv_multipart()
+                if len(frames) < 3 or frames[-2] == _END_SEQ:
+                    return
+                topic = frames[-3] if len(frames) >= 4 else topic_prefix
+                worker = self._worker_of(topic)
+                if worker is None or not topic.startswith(topic_prefix):
+                    continue
+                self._last_seq[topic] = int.from_bytes(frames[-2], "big")
+                self.stats.replayed_batches += 1
+                self._apply(worker, frames[-1])
+            logger.warning("KV event warm replay from %s timed out", self.replay_endpoint)
+        finally:
+            sock.close()
+
     def _replay(self, worker: str, start: int, stop: int) -> bool:
         """Fetch batches ``start..stop-1`` from the replay socket and apply them in order."""
         if self.replay_endpoint is None:
@@ -296,10 +324,20 @@ class KVEventSubscriber:
 
     # ------------------------------------------------------------------ thread
 
-    def start(self, timeout_s: float = 5.0) -> None:
-        """Start the receive thread; returns once the socket is connected/bound."""
+    def start(self, timeout_s: float = 5.0, *, warm: bool = False) -> None:
+        """Start the receive thread; returns once the socket is connected/bound.
+
+        ``warm=True`` (needs ``replay_endpoint``): first rebuild the worker's state from the
+        engine's replay buffer, every batch it still holds, then subscribe. A router that starts
+        or restarts next to running engines then knows their caches at once instead of learning
+        them from new events. Batches published between the replay and the subscription are a
+        gap, repaired by the usual replay. Blocks older than the engine's buffer stay unknown
+        (vLLM keeps its last ``buffer_steps`` batches). A warm start returns at once; the
+        index fills in the background.
+        """
         if self._thread is not None:
             raise RuntimeError("KVEventSubscriber already started")
+        self._warm = warm and self.replay_endpoint is not None
         self._thread = threading.Thread(target=self._run, name=f"kv-events:{self.endpoint}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
@@ -318,6 +356,9 @@ class KVEventSubscriber:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SUBSCRIBE, self.topic.encode("utf-8"))
+            if self._warm:
+                self._ready.set()  # do not hold the caller (a router's event loop) for the replay
+                self._warm_replay()
             if self.bind:
                 sock.bind(self.endpoint)
             else:

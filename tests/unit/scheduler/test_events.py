@@ -214,3 +214,47 @@ def test_subscriber_against_vllm_publisher_with_replay(tmp_path: Path) -> None:
     finally:
         sub.stop()
         pub.shutdown()
+
+
+def test_warm_start_rebuilds_the_index_from_vllms_replay_buffer(tmp_path: Path) -> None:
+    """A router that starts next to a running engine asks vLLM's replay socket for everything
+    it still buffers before subscribing: the index knows the engine's blocks before any new
+    event, and live events continue without a gap or a false 'restart'."""
+    kv_events = pytest.importorskip("vllm.distributed.kv_events")
+    pub = kv_events.ZmqEventPublisher(
+        data_parallel_rank=0, endpoint=f"ipc://{tmp_path}/pub", replay_endpoint=f"ipc://{tmp_path}/replay", topic="kv"
+    )
+
+    def publish(toks: list[int]) -> None:
+        stored = kv_events.BlockStored(block_hashes=fake_engine_hashes("engine-0", toks), parent_block_hash=None,
+                                       token_ids=toks, block_size=BLOCK, lora_id=None, medium="GPU", lora_name=None)
+        pub.publish(kv_events.KVEventBatch(ts=time.time(), events=[stored]))
+
+    earlier = [tokens(200 + i, 8) for i in range(5)]
+    cold_index, warm_index = PrefixIndex(BLOCK), PrefixIndex(BLOCK)
+    replay = f"ipc://{tmp_path}/replay"
+    cold = KVEventSubscriber(cold_index, f"ipc://{tmp_path}/pub", "engine-0", topic="kv")
+    warm = KVEventSubscriber(warm_index, f"ipc://{tmp_path}/pub", "engine-0", topic="kv", replay_endpoint=replay)
+    try:
+        for t in earlier:
+            publish(t)  # the engine ran before the router: only its replay buffer has these
+        time.sleep(0.3)  # the publisher's thread moves them into the buffer
+        cold.start()
+        warm.start(warm=True)
+        deadline = time.monotonic() + 5
+        while warm.stats.replayed_batches < len(earlier) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(warm_index.match(block_keys(t, BLOCK)) == {"engine-0": 2} for t in earlier)
+        assert all(cold_index.match(block_keys(t, BLOCK)) == {} for t in earlier)  # cold: blind
+        later = tokens(300, 8)
+        deadline = time.monotonic() + 5
+        while warm_index.match(block_keys(later, BLOCK)) != {"engine-0": 2} and time.monotonic() < deadline:
+            publish(later)
+            time.sleep(0.1)
+        assert warm_index.match(block_keys(later, BLOCK)) == {"engine-0": 2}
+        assert warm.stats.restarts == 0 and warm.stats.decode_errors == 0
+        assert warm.stats.replayed_batches >= len(earlier)
+    finally:
+        cold.stop()
+        warm.stop()
+        pub.shutdown()
