@@ -117,13 +117,9 @@ class WorkerView:
 
     def queued_prefill(self, now: float) -> np.ndarray:
         """Prefill tokens queued per row at ``now``: the backlog, drained at each row's rate.
-
-        Under half a token counts as none: ``drain_base - tps * now`` leaves rounding residue on a
-        drained worker, which would otherwise break the exact ties between idle workers (and
-        with them the random tie-break) in favour of whichever rounds lowest."""
+        A drained row is exactly 0 (``drain_base - tps * now`` is then <= 0), so idle workers tie."""
         q = self.prefill_drain_base - self.prefill_tps * now
-        q[q < 0.5] = 0.0
-        return q
+        return np.maximum(q, 0.0, out=q)
 
     def kv_over_blocks(self, need_blocks: int) -> np.ndarray:
         """Per row: blocks missing for a new request of ``need_blocks`` next to the requests the
