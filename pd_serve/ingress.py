@@ -2,7 +2,9 @@
 
 Authenticates, validates with vLLM's own request models, and hands the parsed request to a
 decode replica. Streams come back as already-formatted SSE text, in batches of whatever chunks
-were ready, and go out unchanged. Errors leave here in OpenAI's shape (``errors.error_body``).
+were ready, and go out unchanged. Errors leave here in OpenAI's shape, built and counted in
+``_respond`` from ``pd_serve.errors``' tree: validation failures (``pd_serve.validation``), routing's
+404/405, the 413 body limit, and a catch-all (``_CatchAll``) that turns anything unexpected into a 500.
 """
 
 from __future__ import annotations
@@ -16,19 +18,22 @@ from typing import Any, AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from kv_transfer.metrics import derive
 from pd_serve import metrics as m
+from pd_serve import validation
 from pd_serve.config import AppConfig
-from pd_serve.errors import error_body
+from pd_serve.errors import (PDServeError, TooLarge, Unauthorized, error_body, http_error, internal, of_status,
+                             request_validation_error)
 from pd_serve.phases import InFlight, Tracer, phases
 from pd_serve.protocol import Accepted, Head, JSONReply, RoutingHint
 from pd_serve.tiny_model import resolve_model
@@ -41,20 +46,76 @@ _REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
 app = FastAPI(title="pd_serve", docs_url=None, redoc_url=None)
 
 
+def _respond(e: PDServeError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one way an error leaves the ingress: OpenAI's shape, counted by status."""
+    m.INGRESS_ERRORS.labels(str(e.status)).inc()
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
 def _err(status: int, message: str, param: str | None = None, err_type: str | None = None) -> JSONResponse:
-    m.INGRESS_ERRORS.labels(str(status)).inc()
-    return JSONResponse(error_body(message, status, err_type, param), status_code=status)
+    return _respond(of_status(status, message, param, err_type))
 
 
 def _too_large(limit: int) -> JSONResponse:
-    return _err(413, f"request body exceeds the limit of {limit} bytes (ingress.max_body_bytes)",
-                err_type="RequestTooLargeError")
+    return _respond(TooLarge(f"request body exceeds the limit of {limit} bytes (ingress.max_body_bytes)"))
 
 
-def _validation_message(e: ValidationError) -> tuple[str, str | None]:
-    first = e.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
-    return f"{loc + ': ' if loc else ''}{first.get('msg')}", loc
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing's own errors (404 unknown path, 405 wrong method) in OpenAI's shape."""
+    return _respond(http_error(exc.status_code, exc.detail, request.method, request.url.path),
+                    getattr(exc, "headers", None))
+
+
+async def _request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _respond(request_validation_error(list(exc.errors())))
+
+
+class _CatchAll:
+    """ASGI middleware: an exception that escapes a route before its response started becomes
+    an OpenAI-shaped 500, counted; one raised after that (mid-stream) is left to the server."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            if started:
+                raise
+            logger.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            await _respond(internal(e))(scope, receive, send)
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document, with the request bodies the routes read themselves described by
+    vLLM's request models (and errors by its ``ErrorResponse``)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        app.openapi_schema = validation.add_request_bodies(
+            spec, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest},
+            ErrorResponse)
+    return app.openapi_schema
+
+
+app.add_exception_handler(StarletteHTTPException, _http_error)
+app.add_exception_handler(RequestValidationError, _request_validation_error)
+app.add_middleware(_CatchAll)
+app.openapi = _openapi  # type: ignore[method-assign]
 
 
 class _Families:
@@ -158,7 +219,7 @@ class Ingress:
             return None
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer ") or auth[7:] not in self.api_keys:
-            return _err(401, "invalid or missing API key", err_type="AuthenticationError")
+            return _respond(Unauthorized("invalid or missing API key"))
         return None
 
     async def _read_body(self, request: Request) -> bytes | JSONResponse:
@@ -178,24 +239,12 @@ class Ingress:
         return b"".join(chunks)
 
     def _parse(self, kind: str, body: bytes) -> Any:
-        """Validate ``body`` with vLLM's request model; a JSONResponse for bad input."""
+        """Validate ``body`` with vLLM's request model (``validation.parse``); a JSONResponse
+        for bad input."""
         try:
-            req = self.request_models[kind].model_validate_json(body)
-        except ValidationError as e:
-            if any(err.get("type") == "json_invalid" for err in e.errors()):
-                return _err(400, "request body is not valid JSON")
-            msg, param = _validation_message(e)
-            return _err(400, msg, param)
-        if getattr(req, "kv_transfer_params", None) is not None:
-            # would make decode pull KV from wherever the client says
-            return _err(400, "kv_transfer_params is set by pd_serve, not by clients", "kv_transfer_params")
-        if req.model not in self.models:
-            return _err(404, f"The model `{req.model}` does not exist.", "model", "NotFoundError")
-        for field in ("max_tokens", "max_completion_tokens"):
-            v = getattr(req, field, None)
-            if v is not None and v < 1:
-                return _err(400, f"{field} must be at least 1, got {v}", field)
-        return req
+            return validation.parse(self.request_models[kind], body, self.models)
+        except PDServeError as e:
+            return _respond(e)
 
     def _parse_and_render(self, kind: str, body: bytes, tokenizer: Any) -> tuple[Any, RoutingHint | None, float]:
         """Parse, then render; returns (request or error response, hint, when parsing ended)."""
