@@ -154,8 +154,13 @@ class IngressSection(_Strict):
     replicas: int = Field(1, ge=1, description="Ingress replicas.")
     num_cpus: float = Field(0.1, ge=0, description="CPUs per ingress replica.")
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer tokens; empty disables auth.")
-    retries: int = Field(1, ge=0, le=5, description="Times a request is re-sent to another decode replica when "
-                         "its replica fails before answering anything (nothing reached the client yet).")
+    retries: int = Field(1, ge=0, le=5, description="Times a request moves to another decode replica when its "
+                         "replica dies: before the first byte, the same request again; mid-stream, resumed "
+                         "from the tokens already sent (streams with one choice; pd_serve/failover.py). 0 "
+                         "turns both off.")
+    no_decode_wait_s: float = Field(
+        5.0, gt=0, description="With no decode replica alive, a request that none has taken after this "
+        "long gets a 503 with Retry-After instead of waiting for a restart.")
     max_body_bytes: int = Field(
         8 * 2**20, ge=1024, description="Largest request body accepted; larger ones get an OpenAI-shaped 413 "
         "before they are read whole.")

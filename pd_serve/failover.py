@@ -163,7 +163,7 @@ class Rewriter:
             return None
         done = self.before + int(u.get("completion_tokens") or 0)
         return {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens + done,
-                "completion_tokens": done, "prompt_tokens_details": None}
+                "completion_tokens": done}
 
     def __call__(self, text: str) -> str:
         out: list[str] = []

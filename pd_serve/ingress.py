@@ -29,6 +29,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from kv_transfer.metrics import derive
+from pd_serve import failover
 from pd_serve import metrics as m
 from pd_serve import validation
 from pd_serve.config import AppConfig
@@ -52,8 +53,9 @@ def _respond(e: PDServeError, headers: dict[str, str] | None = None) -> JSONResp
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-def _err(status: int, message: str, param: str | None = None, err_type: str | None = None) -> JSONResponse:
-    return _respond(of_status(status, message, param, err_type))
+def _err(status: int, message: str, param: str | None = None, err_type: str | None = None,
+         headers: dict[str, str] | None = None) -> JSONResponse:
+    return _respond(of_status(status, message, param, err_type), headers)
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -129,6 +131,23 @@ class _Families:
 
 
 # Defined before the class: serve.ingress pickles the app's routes when the class is decorated.
+class _NoDecode(Exception):
+    """No decode replica took the request within ``ingress.no_decode_wait_s`` and none is alive."""
+
+
+class _Resume:
+    """What the ingress keeps of a resumable stream (``pd_serve.failover``): the request, its
+    prompt ids, the token ids sent so far, and the decode replica streaming it."""
+
+    __slots__ = ("kind", "req", "hint", "keep", "ids", "attempts", "replica")
+
+    def __init__(self, kind: str, req: Any, hint: RoutingHint, keep: bool) -> None:
+        self.kind, self.req, self.hint, self.keep = kind, req, hint, keep
+        self.ids: list[int] = []
+        self.attempts = 0
+        self.replica = ""
+
+
 class _Timing:
     """One request's ingress-side stamps (``time.time()``) and decode's ``Head``."""
 
@@ -196,6 +215,9 @@ class Ingress:
         self._replicas: dict[str, int] = {"decode": 0, "prefill": 0}
         self._replicas_at = 0.0
         self._max_model_len: int | None = None  # decode's, once a decode replica reported it
+        self._announced = False
+        pre = self.cfg.prefill
+        self._expect_prefill = (pre.autoscaling.min_replicas if pre.autoscaling else pre.fixed_replicas(1)) > 0
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_replicas())
         self._gather: asyncio.Future | None = None  # the /metrics gather in progress
 
@@ -209,6 +231,12 @@ class Ingress:
                 lens = [r.max_model_len for r in infos if r.tier == "decode" and r.max_model_len]
                 self._max_model_len = min(lens) if lens else self._max_model_len
                 self._replicas, self._replicas_at = counts, time.monotonic()
+                if not self._announced and counts["decode"] > 0 and (
+                        counts["prefill"] > 0 or not self._expect_prefill):
+                    self._announced = True  # one line for `serve run` users; make serve prints its own
+                    # stdout: Ray forwards it to the driver whatever the log levels are
+                    print(f"pd_serve ready: OpenAI API at http://{self.cfg.ingress.host}:{self.cfg.ingress.port}/v1 "
+                          f"(decode {counts['decode']}, prefill {counts['prefill']} replica(s))", flush=True)
             except Exception:
                 logger.warning("could not read the replica list from control", exc_info=True)
             await asyncio.sleep(_REFRESH_S)
@@ -302,11 +330,21 @@ class Ingress:
                 return req
             rendered = time.time()
             stage.move("to_decode")
+            track = failover.track_mode(kind, req, hint is not None, self.cfg.ingress.retries > 0)
+            resume = _Resume(kind, req, hint, track == failover.TRACK_KEEP) if track else None
+            if track:
+                req.return_token_ids = True  # decode reads the ids and strips them unless asked
             for attempt in range(self.cfg.ingress.retries + 1):
-                gen = self.decode.generate.remote(kind, req, hint)
+                gen = self.decode.generate.remote(kind, req, hint, track)
                 try:
-                    head = await self._head(gen, stage)
+                    head = await self._head(gen, stage, self._no_decode)
                     break
+                except _NoDecode:
+                    gen.cancel()
+                    wait = self.cfg.ingress.no_decode_wait_s
+                    return _err(503, f"no decode replica is alive (waited {wait:g} s); retry later",
+                                err_type="ServiceUnavailableError",
+                                headers={"Retry-After": str(max(1, round(wait)))})
                 except StopAsyncIteration:
                     return _err(500, "decode returned no answer")
                 except asyncio.CancelledError:
@@ -331,15 +369,39 @@ class Ingress:
                 self._trace(timing, self._observe(timing, first_byte), first_byte)
                 return Response(first.body, status_code=first.status, media_type="application/json")
             handed_over = True
-            return StreamingResponse(self._stream(first, gen, timing, stage), media_type="text/event-stream")
+            if resume is not None:
+                resume.ids.extend(head.token_ids)
+                resume.replica = head.timeline.replica
+            return StreamingResponse(self._stream(first, gen, timing, stage, resume),
+                                     media_type="text/event-stream")
         finally:
             if not handed_over:
                 stage.close()
 
+    def _no_decode(self, waited: float) -> bool:
+        """Give up on a request no decode replica has taken after ``waited`` seconds: only
+        when the replica view (refreshed every second) shows none alive. Under load a queue
+        in front of live replicas is normal and waits."""
+        return waited >= self.cfg.ingress.no_decode_wait_s and self._replicas.get("decode", 0) == 0
+
     @staticmethod
-    async def _head(gen: Any, stage: InFlight) -> Head:
-        """Decode's ``Head``, moving the request to stage ``in_decode`` once decode has it."""
-        item = await gen.__anext__()
+    async def _head(gen: Any, stage: InFlight, give_up: Any = None) -> Head:
+        """Decode's ``Head``, moving the request to stage ``in_decode`` once decode has it.
+        ``give_up(waited_s)`` is asked every 0.5 s until decode has taken the request; True
+        raises ``_NoDecode``."""
+        if give_up is None:
+            item = await gen.__anext__()
+        else:
+            nxt = asyncio.ensure_future(gen.__anext__())
+            t0 = time.monotonic()
+            try:
+                while not (await asyncio.wait((nxt,), timeout=0.5))[0]:
+                    if give_up(time.monotonic() - t0):
+                        raise _NoDecode()
+            finally:
+                if not nxt.done():
+                    nxt.cancel()
+            item = nxt.result()
         if isinstance(item, Accepted):
             stage.move("in_decode")
             item = await gen.__anext__()
@@ -360,22 +422,72 @@ class Ingress:
         if self._tracer is not None:
             self._tracer.request(t.request_id, t.kind, chain, end, {"pd_serve.prefill": t.head.timeline.where})
 
-    async def _stream(self, first: str, gen: Any, timing: "_Timing", stage: InFlight) -> AsyncIterator[str]:
+    async def _stream(self, first: str, gen: Any, timing: "_Timing", stage: InFlight,
+                      resume: "_Resume | None") -> AsyncIterator[str]:
+        """The SSE stream after its first text. If the decode replica dies mid-stream and the
+        request is resumable (``pd_serve.failover``), it continues on another decode replica
+        from the tokens already sent, at most ``ingress.retries`` times; otherwise, or when
+        that fails too, the client gets an in-band OpenAI error and then ``[DONE]``."""
         stage.move("streaming")
         chain = self._observe(timing, time.time())
+        rewrite = None
         try:
             yield first
-            async for chunk in gen:
-                yield chunk
+            while True:
+                try:
+                    async for chunk in gen:
+                        if type(chunk) is tuple:
+                            text, ids = chunk
+                            resume.ids.extend(ids)  # type: ignore[union-attr]
+                            yield text if rewrite is None else rewrite(text)
+                        else:
+                            yield chunk
+                    break
+                except _REPLICA_GONE as e:
+                    if resume is None or resume.attempts >= self.cfg.ingress.retries:
+                        raise
+                    logger.warning("request %s: decode replica died mid-stream after %d tokens (%r); resuming",
+                                   timing.request_id, len(resume.ids), e)
+                    gen.cancel()
+                    gen, text, rewrite = await self._resume(resume, first, stage)
+                    yield text
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # decode died mid-stream: tell the client, in-band
+        except Exception as e:  # decode died mid-stream and could not be resumed: say so, in-band
             logger.warning("request %s: stream broke: %r", timing.request_id, e)
+            if resume is not None:
+                m.STREAM_FAILOVERS.labels("failed").inc()
             yield f"data: {json.dumps(error_body(f'stream interrupted: {type(e).__name__}', 503))}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
             stage.close()
             gen.cancel()  # no-op when finished; aborts decode (and prefill) on disconnect
             self._trace(timing, chain, time.time())
+
+    async def _resume(self, r: "_Resume", first: str, stage: InFlight) -> tuple[Any, str, Any]:
+        """Send the continuation of ``r`` to another decode replica; its stream, first text
+        (rewritten into the original stream's shape) and the rewriter for the rest."""
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        r.attempts += 1
+        body = failover.resume_body(r.kind, r.req, r.hint.token_ids, r.ids, self._max_model_len, r.attempts)
+        if body is None:
+            raise RuntimeError("nothing left to generate, or the context length is unknown")
+        creq = CompletionRequest.model_validate(body)
+        hint = RoutingHint(request_id=creq.request_id, token_ids=body["prompt"],
+                           exclude=[r.replica] if r.replica else [])
+        rewrite = failover.Rewriter(r.kind, first, len(r.hint.token_ids), len(r.ids), keep_ids=r.keep,
+                                    usage=bool(r.req.stream_options and r.req.stream_options.include_usage))
+        gen = self.decode.generate.remote("completion", creq, hint, failover.TRACK_KEEP)
+        head = await self._head(gen, stage)
+        stage.move("streaming")
+        if not isinstance(head.item, str):
+            gen.cancel()
+            raise RuntimeError(f"resumed request answered {head.item.status}: {head.item.body[:200]!r}")
+        r.ids.extend(head.token_ids)
+        r.replica = head.timeline.replica
+        m.STREAM_FAILOVERS.labels("resumed").inc()
+        return gen, rewrite(head.item), rewrite
 
     # -- routes -----------------------------------------------------------------------------
     @app.post("/v1/completions")

@@ -100,6 +100,13 @@ REQUESTS_IN_FLIGHT = Gauge(
     ["stage"],
 )
 
+STREAM_FAILOVERS = Counter(
+    "pd_serve_stream_failovers_total",
+    "Streams whose decode replica died mid-stream, by outcome: resumed on another decode replica "
+    "from the tokens already sent, or failed (the client got an in-band error and [DONE]).",
+    ["outcome"],
+)
+
 
 # ------------------------------------------------------------------------------------------------
 # Every series present from the start, at 0: a counter that appears only after its first event
@@ -146,6 +153,8 @@ def init_series(role: str) -> None:
             PHASE_SECONDS.labels(p)
         for st in INGRESS_STAGES:
             REQUESTS_IN_FLIGHT.labels(st)
+        for outcome in ("resumed", "failed"):
+            STREAM_FAILOVERS.labels(outcome)
         _routing_series("decode")
     elif role == "decode":
         from scheduler.decider import DeciderReason

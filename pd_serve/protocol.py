@@ -82,6 +82,7 @@ class DecodeTimeline(msgspec.Struct, frozen=True):
     prefill_done: float = 0.0     # kv_transfer_params in hand (remote prefill only)
     first_token: float = 0.0      # the engine's first output (or whole answer) was ready
     where: str = "local"          # where the prompt was prefilled: remote | local | external
+    replica: str = ""             # the decode replica that serves the request
 
 
 class Head(msgspec.Struct, frozen=True):
@@ -89,6 +90,7 @@ class Head(msgspec.Struct, frozen=True):
 
     timeline: DecodeTimeline
     item: JSONReply | str
+    token_ids: list[int] = []  # the ids in ``item``'s text when the ingress tracks them (failover)
 
 
 def answer_items(items: Any) -> list[JSONReply | str]:

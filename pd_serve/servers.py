@@ -31,6 +31,7 @@ from prometheus_client import start_http_server
 
 from kv_transfer import KVTransferParams, held, prefill_request_params
 from kv_transfer.ports import claim_port
+from pd_serve import failover
 from pd_serve import metrics as m
 from pd_serve.autoscaling import KV_USAGE, QUEUED_PREFILL_TOKENS
 from pd_serve.config import AppConfig
@@ -303,8 +304,8 @@ class DecodeServer(_EngineReplica):
         return engine.removeprefix("prefill-")  # engine ids are "<tier>-<replica id>" (engine.plan_engine)
 
     # -- the request path ---------------------------------------------------------------------
-    async def generate(self, kind: RequestKind, request: Any,
-                       hint: RoutingHint | None = None) -> AsyncIterator[Accepted | Head | str]:
+    async def generate(self, kind: RequestKind, request: Any, hint: RoutingHint | None = None,
+                       track: int = 0) -> AsyncIterator[Accepted | Head | str | tuple[str, list[int]]]:
         """Serve one OpenAI request.
 
         Yields ``Accepted`` at once, then one ``Head`` whose ``item`` is the whole answer (a
@@ -317,6 +318,11 @@ class DecodeServer(_EngineReplica):
         decode engine runs with vLLM's ``kv_load_failure_policy: fail``) is retried: prefill
         again on another prefill replica, and once the retries are spent, on decode. Nothing
         has reached the client by then, so the retry is invisible to it except in latency.
+
+        With ``track`` (``pd_serve.failover``; the ingress then asked vLLM for token ids), each
+        batch goes as ``(text, token_ids)`` and ``Head.token_ids`` holds the first text's, so
+        the ingress can resume the stream elsewhere if this replica dies; the ids are removed
+        from the text unless the client asked for them.
         """
         entered = time.time()
         yield Accepted(entered)
@@ -330,12 +336,21 @@ class DecodeServer(_EngineReplica):
             stream = first.stream
             timeline = DecodeTimeline(
                 entered=entered, prefill_chosen=marks.get("prefill_chosen", 0.0),
-                prefill_done=marks.get("prefill_done", 0.0), first_token=time.time(), where=first.where)
+                prefill_done=marks.get("prefill_done", 0.0), first_token=time.time(), where=first.where,
+                replica=self.replica_id)
             stage.move("streaming")
-            yield Head(timeline, first.item)
-            if stream is not None:
-                async for batch in stream:
-                    yield "".join(batch)
+            if track and isinstance(first.item, str):
+                strip = track == failover.TRACK_STRIP
+                text, ids = failover.track_chunk(first.item, strip)
+                yield Head(timeline, text, ids)
+                if stream is not None:
+                    async for batch in stream:
+                        yield failover.track_chunk("".join(batch), strip)
+            else:
+                yield Head(timeline, first.item)
+                if stream is not None:
+                    async for batch in stream:
+                        yield "".join(batch)
             finished = True
         finally:
             stage.close()

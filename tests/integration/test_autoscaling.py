@@ -1,7 +1,9 @@
-"""Decode scales on its KV-cache usage, on real engines, through pd_serve's policy."""
+"""Decode scales on its KV-cache usage, on real engines, through pd_serve's policy; scale-down
+under a streaming load fails no request."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -60,7 +62,38 @@ def test_decode_scales_up_on_kv_usage_and_back_down(apps) -> None:
         for w in workers:
             w.join(130)
     assert not errors, errors[:2]
-    deadline = time.monotonic() + 120
-    while _decode_replicas() > 1:
-        assert time.monotonic() < deadline, "decode did not scale back down when idle"
-        time.sleep(2)
+    # Scale-down under load: one stream at a time keeps running while Serve removes a replica
+    # (KV usage stays under the target). A stream on the replica being removed finishes within
+    # its graceful shutdown or is resumed on the other (decode failover); none may fail.
+    body = {"model": "tiny-llama", "prompt": "scale down while I stream", "max_tokens": 300,
+            "ignore_eos": True, "temperature": 0, "stream": True, "return_token_ids": True}
+    with httpx.Client(base_url=url, timeout=120) as c:
+        ref = _stream_ids(c, body)
+        streams, down_at = 0, None
+        deadline = time.monotonic() + 180
+        while down_at is None or time.monotonic() < down_at + 10:
+            assert time.monotonic() < deadline, "decode did not scale back down under light load"
+            assert _stream_ids(c, body) == ref, f"stream {streams} differs from the first (or failed)"
+            streams += 1
+            if down_at is None and _decode_replicas() == 1:
+                down_at = time.monotonic()
+    print(f"\nscale-down under streaming load: {streams} streams, all complete and identical")
+
+
+def _stream_ids(c: httpx.Client, body: dict) -> list[int] | str:
+    """Token ids of one streamed completion, or what went wrong (an error chunk, no [DONE])."""
+    ids: list[int] = []
+    done = False
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}: {r.read()[:200]!r}"
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                d = json.loads(line[6:])
+                if "error" in d:
+                    return f"in-band error: {d['error']}"
+                for ch in d.get("choices") or []:
+                    ids.extend(ch.get("token_ids") or [])
+    return ids if done else "no [DONE]"
