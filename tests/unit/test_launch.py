@@ -32,7 +32,7 @@ def test_run_with_an_engine_arg_typo_exits_2_naming_the_key_and_starts_nothing(t
     r = _run("run", cfg, "--log-dir", str(tmp_path / "logs"), tmp_path=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "engine_args.max_model_lenn" in r.stdout and "did you mean `max_model_len`" in r.stdout
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 120  # seconds here (vLLM's import); the point is that nothing started
     assert not (tmp_path / "logs").exists()  # refused before `serve run` or a log file existed
 
 
