@@ -860,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     if "oracle" not in args.policies:
         args.policies.append("oracle")
 
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = {k: (harness.rel(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}  # no machine paths
     stamp = harness.utc_stamp()
     # dirty: only when what this benchmark measures (scheduler/, the benchmark) differs from HEAD
     result = harness.envelope("routing", stamp, config, git_paths=["scheduler", "benchmarks/routing_bench.py"])
