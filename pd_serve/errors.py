@@ -12,7 +12,8 @@ Every error a client sees is in OpenAI's shape, ``{"error": {"message", "type", 
     PDServeError                  status, type, param; .body() is error_body(...)
     ├── BadRequest          400   a body that is not JSON, or that vLLM's request models refuse
     │   │                         (the message and `param` name the parameter); a missing `model`;
-    │   │                         `max_tokens` < 1; client-set `kv_transfer_params`
+    │   │                         `max_tokens` < 1; client-set `kv_transfer_params`; an
+    │   │                         integer over 64 bits (the engine's msgpack cannot carry it)
     │   └── Unsupported     400   a valid parameter that disaggregated serving cannot honour
     │                             (`use_beam_search`)
     ├── Unauthorized        401   a missing or wrong API key

@@ -11,6 +11,9 @@ Refused here, beyond what the models refuse:
 - a missing or unknown ``model`` (400 naming ``model``, 404);
 - ``kv_transfer_params`` from a client (it would make decode pull KV from wherever the client says);
 - ``max_tokens`` / ``max_completion_tokens`` below 1;
+- an integer outside 64 bits in any parameter but the prompt and messages (the engine's wire
+  format, msgpack, cannot carry it: ``"stream_interval": 1e30`` as an integer failed inside
+  the engine with a 500); prompt token ids that large fail vLLM's vocabulary check instead;
 - ``use_beam_search``: vLLM's beam search runs its own loop of single-token requests around the
   engine, outside the OpenAI path that carries ``kv_transfer_params``, so a prefill replica
   cannot hand its KV to decode (prefill answers without transfer params).
@@ -48,10 +51,50 @@ def parse(model: type, body: bytes, served: set[str]) -> Any:
         v = getattr(req, field, None)
         if v is not None and v < 1:
             raise BadRequest(f"{field} must be at least 1, got {v}", field)
+    check_ints(req)
     if getattr(req, "use_beam_search", False):
         raise Unsupported("use_beam_search is not supported by pd_serve: beam search runs outside the "
                           "path that moves KV from prefill to decode", "use_beam_search")
     return req
+
+
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgspec's msgpack encoder carries
+_NOT_SENT_AS_INTS = frozenset({"prompt", "prompt_embeds", "messages"})  # rendered or checked by vLLM
+
+
+def check_ints(req: Any) -> None:
+    """Raise a 400 for an integer the engine could not receive, naming where it is."""
+    for name, value in vars(req).items():
+        if value is None or type(value) in _SCALARS or name in _NOT_SENT_AS_INTS:
+            continue
+        where = _big_int(value)
+        if where is not None:
+            param = param_from_loc((name, *where[0]))
+            raise BadRequest(f"{param}: {where[1]} does not fit in 64 bits", param)
+
+
+_SCALARS = (str, float, bool)
+
+
+def _big_int(value: Any) -> tuple[tuple[Any, ...], int] | None:
+    """(path, value) of the first integer in ``value`` outside what msgpack carries, or None."""
+    if type(value) is int:
+        return None if _INT_MIN <= value <= _INT_MAX else ((), value)
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    elif hasattr(value, "__dict__"):  # nested models and dataclasses (stream_options, structured_outputs)
+        items = vars(value).items()
+    else:
+        return None
+    for k, v in items:
+        if v is None or type(v) in _SCALARS:
+            continue
+        found = _big_int(v)
+        if found is not None:
+            return (k, *found[0]), found[1]
+    return None
 
 
 def materialize(value: Any, path: tuple[Any, ...]) -> Any:

@@ -49,6 +49,9 @@ BAD = [  # name, path, body, status, the error's `param`
     ("bogus_content_part", CHAT, {"model": M, "messages": [{"role": "user", "content": [{"type": "bogus"}]}]},
      400, "messages.0.content.0"),
     ("missing_model", C, {"prompt": "hi", "max_tokens": 2}, 400, "model"),
+    # found by test_fuzz.py: an integer over 64 bits failed in the engine's msgpack encoder
+    ("stream_interval_over_64_bits", CHAT, {"model": M, "messages": USER, "max_tokens": 1, "stream_interval": 10**30},
+     400, "stream_interval"),
 ]
 
 

@@ -97,6 +97,20 @@ def test_the_issue_reproducers_are_400s_that_name_the_parameter(models, kind, bo
     assert e.message and "\n" not in e.message
 
 
+def test_an_integer_the_engine_cannot_receive_is_a_400_naming_where_it_is(models):
+    """Found by the fuzz test: msgpack carries 64-bit integers only, so a larger one failed
+    inside the engine with an empty 500."""
+    for kind, body, param in [
+        ("chat", {"model": M, "messages": U, "stream_interval": 10**30}, "stream_interval"),
+        ("completion", {"model": M, "prompt": "hi", "vllm_xargs": {"a": -(2**64)}}, "vllm_xargs.a"),
+        ("completion", {"model": M, "prompt": "hi", "stop_token_ids": [1, 2**64]}, "stop_token_ids.1"),
+    ]:
+        e = refused(models, kind, body)
+        assert e.status == 400 and e.param == param and "64 bits" in e.message
+    ok = parse(models, "completion", {"model": M, "prompt": "hi", "seed": 2**63 - 1, "priority": -(2**63)})
+    assert ok.seed == 2**63 - 1
+
+
 def test_beam_search_says_that_pd_cannot_serve_it(models):
     e = refused(models, "completion", {"model": M, "prompt": "hi", "use_beam_search": True})
     assert isinstance(e, Unsupported) and "not supported" in e.message
