@@ -3,7 +3,7 @@
 ``hash_ids`` of 512-token blocks) with chosen statistics, to replay with
 ``benchmarks/routing_bench.py --scenario replay --trace FILE``.
 
-The shipped trace (../shared/traces, 3,993 requests) is multi-turn conversations with long
+The shipped trace (benchmarks/results/routing_traces/mooncake_synthetic.jsonl.gz, 3,993 requests) is multi-turn conversations with long
 prompts, no hot shared prefix and a light load. A router tuned on it can hide what other
 workloads do to it, so this makes workloads that differ on purpose:
 

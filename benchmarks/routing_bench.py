@@ -75,7 +75,7 @@ from scheduler.events import (  # noqa: E402
     encode_batch,
 )
 
-DEFAULT_TRACE = harness.ROOT.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"  # ../shared
+DEFAULT_TRACE = harness.ROOT / "benchmarks" / "results" / "routing_traces" / "mooncake_synthetic.jsonl.gz"
 TRACE_BLOCK = 512
 VOCAB = 32000
 
