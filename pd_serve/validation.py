@@ -12,8 +12,8 @@ Refused here, beyond what the models refuse:
 - ``kv_transfer_params`` from a client (it would make decode pull KV from wherever the client says);
 - ``max_tokens`` / ``max_completion_tokens`` below 1;
 - an integer outside 64 bits in any parameter but the prompt and messages (the engine's wire
-  format, msgpack, cannot carry it: ``"stream_interval": 1e30`` as an integer failed inside
-  the engine with a 500); prompt token ids that large fail vLLM's vocabulary check instead;
+  format, msgpack, cannot carry it: a 31-digit ``stream_interval`` failed inside the engine
+  with a 500); prompt token ids that large fail vLLM's vocabulary check instead;
 - ``use_beam_search``: vLLM's beam search runs its own loop of single-token requests around the
   engine, outside the OpenAI path that carries ``kv_transfer_params``, so a prefill replica
   cannot hand its KV to decode (prefill answers without transfer params).

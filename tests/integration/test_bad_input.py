@@ -52,6 +52,7 @@ BAD = [  # name, path, body, status, the error's `param`
     # found by test_fuzz.py: an integer over 64 bits failed in the engine's msgpack encoder
     ("stream_interval_over_64_bits", CHAT, {"model": M, "messages": USER, "max_tokens": 1, "stream_interval": 10**30},
      400, "stream_interval"),
+    ("prompt_id_over_64_bits", C, {"model": M, "prompt": [1, 10**30], "max_tokens": 1}, 400, ANY),
 ]
 
 
