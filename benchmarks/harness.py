@@ -116,9 +116,10 @@ def rel(path: str | Path) -> str:
 
 
 def scrub(obj: Any) -> Any:
-    """A copy of ``obj`` with the clone's absolute path replaced by ``.`` in every string."""
+    """A copy of ``obj`` with the clone's absolute path replaced by ``.``, and the home
+    directory (model caches live under it) by ``~``, in every string."""
     if isinstance(obj, str):
-        return obj.replace(str(ROOT), ".")
+        return obj.replace(str(ROOT), ".").replace(str(Path.home()) + "/", "~/")
     if isinstance(obj, dict):
         return {scrub(k): scrub(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
