@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 IMPORT_PATH = "pd_serve.app:build_app"
@@ -96,18 +97,20 @@ def _model_is_local(model: str) -> bool:
 
 
 def _session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``."""
     out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is the state; fields[3] the session id
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(d.name))
+    for p in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(p.pid) == sid:
+                out.append(p.pid)
     return out
+
+
+def _wait(busy: Any, timeout: float) -> None:
+    """Poll ``busy()`` until it is falsy or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and busy():
+        time.sleep(0.2)
 
 
 def _kill_session(sid: int, grace: float) -> list[int]:
@@ -119,9 +122,7 @@ def _kill_session(sid: int, grace: float) -> list[int]:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _session_pids(sid):
-            time.sleep(0.2)
+        _wait(lambda: _session_pids(sid), wait)
     return _session_pids(sid)
 
 
@@ -135,8 +136,6 @@ def _port_owner(host: str, port: int) -> str | None:
         except OSError:
             pass
     with contextlib.suppress(Exception):
-        import psutil
-
         for c in psutil.net_connections("tcp"):
             if c.status == "LISTEN" and c.laddr and c.laddr.port == port and c.pid:
                 p = psutil.Process(c.pid)
@@ -313,12 +312,18 @@ class Runner:
         return not left
 
 
-def cmd_run(a: argparse.Namespace) -> int:
+def _load_or_say(path: str) -> tuple[dict[str, Any], Any] | None:
     try:
-        doc, cfg = load_config(a.config)
+        return load_config(path)
     except ConfigFileError as e:
         _say(f"config error: {e}")
+        return None
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    if (loaded := _load_or_say(a.config)) is None:
         return 2
+    doc, cfg = loaded
     if owner := _port_owner(cfg.ingress.host, cfg.ingress.port):
         _say(f"port {cfg.ingress.port} on {cfg.ingress.host} is in use by {owner}. A previous run may "
              "still be up: `make stop`. Or set http_options.port and args.ingress.port to a free port.")
@@ -370,13 +375,7 @@ def _tiers(cfg: Any) -> str:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    return psutil.pid_exists(pid)
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
@@ -392,9 +391,7 @@ def cmd_stop(a: argparse.Namespace) -> int:
         if launcher and _alive(launcher):
             _say(f"stopping the app at {st.get('url')} (pid {launcher})")
             os.kill(launcher, signal.SIGINT)
-            deadline = time.monotonic() + a.grace + 15
-            while time.monotonic() < deadline and _alive(launcher):
-                time.sleep(0.2)
+            _wait(lambda: _alive(launcher), a.grace + 15)
             if _alive(launcher):
                 os.kill(launcher, signal.SIGKILL)
         if sid:
@@ -406,9 +403,7 @@ def cmd_stop(a: argparse.Namespace) -> int:
         _say(f"stopping `serve run` (pid {pid}) and its local Ray")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGINT)
-        deadline = time.monotonic() + a.grace
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.2)
+        _wait(lambda: _alive(pid), a.grace)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getsid(pid) == pid:  # its own session (setsid): everything in it is its Ray
                 _kill_session(pid, 5.0)
@@ -436,13 +431,8 @@ def cmd_stop(a: argparse.Namespace) -> int:
 
 
 def _cmdlines() -> list[tuple[int, list[str]]]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                argv = (d / "cmdline").read_bytes().split(b"\0")
-                out.append((int(d.name), [x.decode(errors="replace") for x in argv if x]))
-    return out
+    me = os.getpid()
+    return [(p.pid, p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]) if p.pid != me]
 
 
 def _serve_run_pids() -> list[int]:
@@ -459,11 +449,9 @@ def _ray_running() -> bool:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    try:
-        _, cfg = load_config(a.config)
-    except ConfigFileError as e:
-        _say(f"config error: {e}")
+    if (loaded := _load_or_say(a.config)) is None:
         return 2
+    cfg = loaded[1]
     _say(f"{a.config}: OK ({cfg.model_name}; {_tiers(cfg)}; http://{cfg.ingress.host}:{cfg.ingress.port})")
     return 0
 
