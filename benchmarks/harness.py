@@ -524,7 +524,10 @@ def pd_serve_app(args: dict[str, Any], port: int, *, name: str = "pd_serve",
     if started_ray:
         ray.init(include_dashboard=False, log_to_driver=bool(os.environ.get("PD_SERVE_TEST_LOGS")),
                  runtime_env={"env_vars": OFFLINE_ENV})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = deep_merge(args, {"ingress": {"host": "127.0.0.1", "port": port}})
+    listener = args["ingress"].get("listener", "replica")
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                proxy_location="Disabled" if listener == "replica" else "HeadOnly")
     url = f"http://127.0.0.1:{port}"
     try:
         serve.run(build_app(args), name=name, route_prefix="/", blocking=False)

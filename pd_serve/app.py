@@ -61,13 +61,15 @@ def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
         },
     }
     r = cfg.router
-    if r.policy != "ray_default":
-        cls = "PrefixAwareRouter" if r.policy == "prefix_aware" else "RoundRobinRouter"
-        opts["request_router_config"] = {
-            "request_router_class": f"pd_serve.routing:{cls}",
-            "request_router_kwargs": {"tier": tier, "block_size": cfg.block_size, "profiles": r.profiles},
-            "request_routing_stats_period_s": r.stats_period_s,
-        }
+    # Every policy runs in one of pd_serve's routers: they also send an ingress's stream
+    # channel (a pinned call) to its decode replica.
+    cls = {"prefix_aware": "PrefixAwareRouter", "round_robin": "RoundRobinRouter",
+           "ray_default": "PowerOfTwoRouter"}[r.policy]
+    opts["request_router_config"] = {
+        "request_router_class": f"pd_serve.routing:{cls}",
+        "request_router_kwargs": {"tier": tier, "block_size": cfg.block_size, "profiles": r.profiles},
+        "request_routing_stats_period_s": r.stats_period_s,
+    }
     if t.autoscaling is not None:
         a = t.autoscaling
         if tier == "decode":

@@ -151,6 +151,12 @@ class RouterSection(_Strict):
 class IngressSection(_Strict):
     host: str = Field("127.0.0.1", description="Address the OpenAI endpoint listens on (Serve http_options.host).")
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI endpoint (Serve http_options.port).")
+    listener: Literal["replica", "serve_proxy"] = Field(
+        "replica", description="Who serves HTTP on host:port. `replica`: each ingress replica itself "
+        "(uvicorn on its own event loop, SO_REUSEPORT), so streamed tokens skip a Ray hop; the Serve "
+        "config must then say `proxy_location: Disabled`. `serve_proxy`: Ray Serve's proxy, which forwards "
+        "every request and every streamed chunk to an ingress replica over Ray (needed where something "
+        "probes the proxy, e.g. KubeRay's readiness checks).")
     replicas: int = Field(1, ge=1, description="Ingress replicas.")
     num_cpus: float = Field(0.1, ge=0, description="CPUs per ingress replica.")
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer tokens; empty disables auth.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
@@ -29,6 +30,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from kv_transfer.metrics import derive
+from pd_serve import channel as ch
 from pd_serve import failover
 from pd_serve import metrics as m
 from pd_serve import validation
@@ -36,7 +38,7 @@ from pd_serve.config import AppConfig
 from pd_serve.errors import (PDServeError, TooLarge, Unauthorized, error_body, http_error, internal, of_status,
                              request_validation_error)
 from pd_serve.phases import InFlight, Tracer, phases
-from pd_serve.protocol import Accepted, Head, JSONReply, RoutingHint
+from pd_serve.protocol import Accepted, Head, JSONReply, RoutingHint, Sink
 from pd_serve.tiny_model import resolve_model
 from scheduler import block_keys
 
@@ -159,6 +161,44 @@ class _Timing:
         self.received, self.parsed, self.rendered, self.head = received, parsed, rendered, head
 
 
+def _check_no_proxy() -> None:
+    """``ingress.listener: replica`` with Serve's proxy on: both would bind the port (Serve's
+    proxy also sets SO_REUSEPORT) and the kernel would split clients between them."""
+    import ray
+    from ray.serve.config import ProxyLocation
+
+    try:
+        controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        location = ray.get(controller.get_proxy_location.remote(), timeout=30)
+    except Exception:  # a Ray without this method: the launcher's config check still applies
+        logger.warning("could not read Serve's proxy location", exc_info=True)
+        return
+    if location is not None and location != ProxyLocation.Disabled:
+        raise RuntimeError(
+            f"ingress.listener is `replica` but Ray Serve's proxy is on (proxy_location: {location.value}); "
+            "set `proxy_location: Disabled` in the Serve config, or ingress.listener: serve_proxy")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that the other ingress replicas of this node share
+    (SO_REUSEPORT: the kernel spreads connections among them)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(
+            f"ingress cannot listen on {host}:{port}: {e.strerror}. Another program holds the port, or Ray "
+            "Serve's proxy does (ingress.listener: replica needs `proxy_location: Disabled` in the Serve "
+            "config).") from e
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
 def _merge(pages: list[tuple[Any, str]], own_replica: str = "") -> bytes:
     """Replicas' metric pages and this ingress's own registry, merged into one family per name
     (a name twice would break Prometheus' parser). Every sample gets the process it came from:
@@ -220,6 +260,42 @@ class Ingress:
         self._expect_prefill = (pre.autoscaling.min_replicas if pre.autoscaling else pre.fixed_replicas(1)) > 0
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_replicas())
         self._gather: asyncio.Future | None = None  # the /metrics gather in progress
+        # Streams come back on one channel per decode replica (pd_serve.channel), not one
+        # Ray stream per request.
+        self._sink = f"{self._replica_id}-{id(self):x}"
+        self._inboxes = ch.Inboxes(self._open_channel)
+        self._http_server: Any = None
+        if self.cfg.ingress.listener == "replica":
+            _check_no_proxy()
+            sock = _listen(self.cfg.ingress.host, self.cfg.ingress.port)  # a taken port fails the replica now
+            self._listener = asyncio.get_running_loop().create_task(self._listen(sock))
+
+    async def _listen(self, sock: socket.socket) -> None:
+        """Serve the OpenAI endpoint from this replica (``ingress.listener: replica``): uvicorn on
+        this event loop, so a streamed chunk goes from the decode channel to the client socket
+        without another Ray hop. Starts once Serve has finished constructing the replica (the
+        routes reach this instance through Serve's replica context)."""
+        import uvicorn
+
+        while serve.get_replica_context().servable_object is None:
+            await asyncio.sleep(0.05)
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
+                                timeout_keep_alive=30, timeout_graceful_shutdown=5)
+        self._http_server = uvicorn.Server(config)
+        try:
+            await self._http_server.serve(sockets=[sock])
+        except Exception:
+            logger.exception("the ingress HTTP listener on %s:%d stopped", self.cfg.ingress.host, self.cfg.ingress.port)
+            raise
+
+    def _open_channel(self, replica: str) -> Any:
+        return self.decode.channel.remote(self._sink, RoutingHint("channel", [], pin=replica))
+
+    def _call(self, kind: str, req: Any, hint: RoutingHint | None, track: int) -> tuple[Any, int, asyncio.Queue]:
+        """Send one request to a decode replica: its call (``Accepted``, then ``Head``), and the
+        key and inbox under which the rest of its stream will arrive."""
+        key, inbox = self._inboxes.new()
+        return self.decode.generate.remote(kind, req, hint, track, Sink(self._sink, key)), key, inbox
 
     async def _refresh_replicas(self) -> None:
         while True:
@@ -334,8 +410,10 @@ class Ingress:
             resume = _Resume(kind, req, hint, track == failover.TRACK_KEEP) if track else None
             if track:
                 req.return_token_ids = True  # decode reads the ids and strips them unless asked
+            key = 0
             for attempt in range(self.cfg.ingress.retries + 1):
-                gen = self.decode.generate.remote(kind, req, hint, track)
+                self._inboxes.drop(key)
+                gen, key, inbox = self._call(kind, req, hint, track)
                 try:
                     head = await self._head(gen, stage, self._no_decode)
                     break
@@ -369,14 +447,16 @@ class Ingress:
                 self._trace(timing, self._observe(timing, first_byte), first_byte)
                 return Response(first.body, status_code=first.status, media_type="application/json")
             handed_over = True
+            self._inboxes.bind(key, head.timeline.replica)
             if resume is not None:
                 resume.ids.extend(head.token_ids)
                 resume.replica = head.timeline.replica
-            return StreamingResponse(self._stream(first, gen, timing, stage, resume),
+            return StreamingResponse(self._stream(first, gen, key, inbox, timing, stage, resume),
                                      media_type="text/event-stream")
         finally:
             if not handed_over:
                 stage.close()
+                self._inboxes.drop(key)
 
     def _no_decode(self, waited: float) -> bool:
         """Give up on a request no decode replica has taken after ``waited`` seconds: only
@@ -422,34 +502,50 @@ class Ingress:
         if self._tracer is not None:
             self._tracer.request(t.request_id, t.kind, chain, end, {"pd_serve.prefill": t.head.timeline.where})
 
-    async def _stream(self, first: str, gen: Any, timing: "_Timing", stage: InFlight,
-                      resume: "_Resume | None") -> AsyncIterator[str]:
-        """The SSE stream after its first text. If the decode replica dies mid-stream and the
-        request is resumable (``pd_serve.failover``), it continues on another decode replica
-        from the tokens already sent, at most ``ingress.retries`` times; otherwise, or when
-        that fails too, the client gets an in-band OpenAI error and then ``[DONE]``."""
+    async def _stream(self, first: str, gen: Any, key: int, inbox: asyncio.Queue, timing: "_Timing",
+                      stage: InFlight, resume: "_Resume | None") -> AsyncIterator[str]:
+        """The SSE stream after its first text, from the request's inbox (``pd_serve.channel``):
+        each write to the client holds everything that has arrived. If the decode replica dies
+        mid-stream and the request is resumable (``pd_serve.failover``), it continues on
+        another decode replica from the tokens already sent, at most ``ingress.retries`` times;
+        otherwise, or when that fails too, the client gets an in-band OpenAI error and then
+        ``[DONE]``."""
         stage.move("streaming")
         chain = self._observe(timing, time.time())
         rewrite = None
         try:
             yield first
-            while True:
-                try:
-                    async for chunk in gen:
-                        if type(chunk) is tuple:
-                            text, ids = chunk
-                            resume.ids.extend(ids)  # type: ignore[union-attr]
-                            yield text if rewrite is None else rewrite(text)
-                        else:
-                            yield chunk
-                    break
-                except _REPLICA_GONE as e:
+            done = False
+            while not done:
+                payload = await inbox.get()
+                parts: list[str] = []
+                while True:
+                    kind = type(payload)
+                    if kind is str:
+                        parts.append(payload)
+                    elif kind is tuple:
+                        resume.ids.extend(payload[1])  # type: ignore[union-attr]
+                        parts.append(payload[0] if rewrite is None else rewrite(payload[0]))
+                    elif payload is ch.END:
+                        done = True
+                        break
+                    elif kind is ch.Gone:
+                        break
+                    else:
+                        raise RuntimeError(payload.get("error", "decode failed"))
+                    if inbox.empty():
+                        break
+                    payload = inbox.get_nowait()
+                if parts:
+                    yield "".join(parts)
+                if type(payload) is ch.Gone:
                     if resume is None or resume.attempts >= self.cfg.ingress.retries:
-                        raise
+                        raise payload.error
                     logger.warning("request %s: decode replica died mid-stream after %d tokens (%r); resuming",
-                                   timing.request_id, len(resume.ids), e)
+                                   timing.request_id, len(resume.ids), payload.error)
                     gen.cancel()
-                    gen, text, rewrite = await self._resume(resume, first, stage)
+                    self._inboxes.drop(key)
+                    gen, key, inbox, text, rewrite = await self._resume(resume, first, stage)
                     yield text
         except asyncio.CancelledError:
             raise
@@ -461,12 +557,14 @@ class Ingress:
             yield "data: [DONE]\n\n"
         finally:
             stage.close()
+            self._inboxes.drop(key)
             gen.cancel()  # no-op when finished; aborts decode (and prefill) on disconnect
             self._trace(timing, chain, time.time())
 
-    async def _resume(self, r: "_Resume", first: str, stage: InFlight) -> tuple[Any, str, Any]:
-        """Send the continuation of ``r`` to another decode replica; its stream, first text
-        (rewritten into the original stream's shape) and the rewriter for the rest."""
+    async def _resume(self, r: "_Resume", first: str, stage: InFlight) -> tuple[Any, int, asyncio.Queue, str, Any]:
+        """Send the continuation of ``r`` to another decode replica; its call, key and inbox,
+        its first text (rewritten into the original stream's shape) and the rewriter for the
+        rest."""
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
         r.attempts += 1
@@ -478,16 +576,22 @@ class Ingress:
                            exclude=[r.replica] if r.replica else [])
         rewrite = failover.Rewriter(r.kind, first, len(r.hint.token_ids), len(r.ids), keep_ids=r.keep,
                                     usage=bool(r.req.stream_options and r.req.stream_options.include_usage))
-        gen = self.decode.generate.remote("completion", creq, hint, failover.TRACK_KEEP)
-        head = await self._head(gen, stage)
+        gen, key, inbox = self._call("completion", creq, hint, failover.TRACK_KEEP)
+        try:
+            head = await self._head(gen, stage)
+        except BaseException:
+            self._inboxes.drop(key)
+            raise
         stage.move("streaming")
         if not isinstance(head.item, str):
             gen.cancel()
+            self._inboxes.drop(key)
             raise RuntimeError(f"resumed request answered {head.item.status}: {head.item.body[:200]!r}")
+        self._inboxes.bind(key, head.timeline.replica)
         r.ids.extend(head.token_ids)
         r.replica = head.timeline.replica
         m.STREAM_FAILOVERS.labels("resumed").inc()
-        return gen, rewrite(head.item), rewrite
+        return gen, key, inbox, rewrite(head.item), rewrite
 
     # -- routes -----------------------------------------------------------------------------
     @app.post("/v1/completions")

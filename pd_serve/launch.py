@@ -85,7 +85,22 @@ def load_config(path: str) -> tuple[dict[str, Any], Any]:
         raise ConfigFileError(
             f"{path}: http_options ({host}:{port}) and args.ingress ({cfg.ingress.host}:{cfg.ingress.port}) "
             "differ; Serve listens on http_options, so set both to the same host and port")
+    check_listener(doc.get("proxy_location"), cfg.ingress.listener, path)
     return doc, cfg
+
+
+def check_listener(proxy_location: Any, listener: str, path: str = "config") -> None:
+    """The ingress replicas and Serve's proxy must not both serve (or both not serve) HTTP."""
+    disabled = str(proxy_location or "").lower() == "disabled"
+    if listener == "replica" and not disabled:
+        raise ConfigFileError(
+            f"{path}: args.ingress.listener is `replica` (the ingress replicas serve HTTP themselves), so "
+            f"Serve's proxy must be off: add `proxy_location: Disabled` at the top level, or set "
+            f"args.ingress.listener: serve_proxy")
+    if listener == "serve_proxy" and disabled:
+        raise ConfigFileError(
+            f"{path}: proxy_location: Disabled with args.ingress.listener: serve_proxy leaves nothing serving "
+            "HTTP; remove proxy_location: Disabled, or set args.ingress.listener: replica")
 
 
 def _model_is_local(model: str) -> bool:

@@ -59,6 +59,9 @@ class RoutingHint(msgspec.Struct, frozen=True):
     block_keys: list[int] = []
     # Replicas this request must not be routed to (they already failed it; retry_prefill).
     exclude: list[str] = []
+    # The one replica this call is for (an ingress's stream channel to a decode replica);
+    # the routers send it there while that replica is a candidate.
+    pin: str = ""
 
     def keys_for(self, block_size: int) -> list[int]:
         from scheduler import block_keys
@@ -91,6 +94,14 @@ class Head(msgspec.Struct, frozen=True):
     timeline: DecodeTimeline
     item: JSONReply | str
     token_ids: list[int] = []  # the ids in ``item``'s text when the ingress tracks them (failover)
+
+
+class Sink(msgspec.Struct, frozen=True, array_like=True):
+    """Where decode sends a stream after its ``Head``: the ingress replica's channel ``channel``
+    (one per ingress replica and decode replica, ``DecodeServer.channel``), under ``key``."""
+
+    channel: str
+    key: int
 
 
 def answer_items(items: Any) -> list[JSONReply | str]:

@@ -21,6 +21,7 @@ import logging
 import time
 from typing import Any
 
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from pd_serve import metrics as m
@@ -55,7 +56,11 @@ def _without_excluded(replicas: list[RunningReplica], hint: RoutingHint | None) 
     locality routing), so "none" would spin the router's event loop and stall every handle
     in the process. Retrying a replica that failed is the lesser evil: a dead one fails its
     reservation and Serve drops it; a live one may well succeed."""
-    if hint is None or not hint.exclude:
+    if hint is None:
+        return replicas
+    if hint.pin:  # a channel call: its replica, or (gone) anyone, who will refuse it
+        return [r for r in replicas if r.replica_id.unique_id == hint.pin] or replicas
+    if not hint.exclude:
         return replicas
     kept = [r for r in replicas if r.replica_id.unique_id not in hint.exclude]
     return kept or replicas
@@ -120,7 +125,7 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         self._refresh(candidate_replicas)
         hint = _hint(pending_request)
         candidate_replicas = _without_excluded(candidate_replicas, hint)
-        if hint is None or not hint.token_ids or not candidate_replicas:
+        if hint is None or not hint.token_ids or not candidate_replicas or hint.pin:
             return [candidate_replicas]
         t0 = time.perf_counter()
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -173,3 +178,15 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         i = next(self._counter) % len(ordered)
         return [[ordered[i]]] + [[r] for r in ordered[i + 1:] + ordered[:i]]
+
+
+class PowerOfTwoRouter(PowerOfTwoChoicesRequestRouter):
+    """Ray Serve's default router (``router.policy: ray_default``), which also sends a pinned
+    call (an ingress's stream channel) to its replica."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        hint = _hint(pending_request)
+        if hint is not None and hint.pin:
+            return [_without_excluded(candidate_replicas, hint)]
+        return await super().choose_replicas(candidate_replicas, pending_request)

@@ -31,6 +31,7 @@ from prometheus_client import start_http_server
 
 from kv_transfer import KVTransferParams, held, prefill_request_params
 from kv_transfer.ports import claim_port
+from pd_serve import channel as ch
 from pd_serve import failover
 from pd_serve import metrics as m
 from pd_serve.autoscaling import KV_USAGE, QUEUED_PREFILL_TOKENS
@@ -41,7 +42,7 @@ from pd_serve.errors import error_body
 from pd_serve.engine import KV_EVENTS_TOPIC
 from pd_serve.phases import InFlight
 from pd_serve.protocol import (Accepted, DecodeTimeline, Head, JSONReply, PrefillResult, ReplicaInfo,
-                               RequestKind, RoutingHint)
+                               RequestKind, RoutingHint, Sink)
 from scheduler import DeciderParams, KVEventSubscriber, PrefixIndex, count_eligible, decide, load_profiles
 from scheduler.plugins import SaturatedFilter
 
@@ -182,6 +183,7 @@ class DecodeServer(_EngineReplica):
         m.init_series("decode")
         self._prefill = prefill
         self._prefill_state: list[ReplicaInfo] = []
+        self._outboxes: dict[str, ch.Outbox] = {}  # by ingress channel (pd_serve.channel)
         await self._init(cfg, control)
         self._stream_interval_s = self.cfg.ingress.stream_interval_ms / 1000
         r = self.cfg.router
@@ -304,8 +306,24 @@ class DecodeServer(_EngineReplica):
         return engine.removeprefix("prefill-")  # engine ids are "<tier>-<replica id>" (engine.plan_engine)
 
     # -- the request path ---------------------------------------------------------------------
+    async def channel(self, sink: str, hint: RoutingHint) -> AsyncIterator[list[tuple[int, Any]]]:
+        """The stream channel of ingress replica ``sink`` (``pd_serve.channel``): the rest of
+        every stream this replica serves for it, batched. ``hint.pin`` names the replica the
+        ingress meant; any other refuses, so a pin to a replica that is gone fails at once."""
+        if hint.pin != self.replica_id:
+            raise RuntimeError(f"stream channel for decode replica {hint.pin} reached {self.replica_id}")
+        async for items in ch.drain(self._outbox(sink)):
+            yield items
+
+    def _outbox(self, sink: str) -> ch.Outbox:
+        box = self._outboxes.get(sink)
+        if box is None:
+            box = self._outboxes[sink] = ch.Outbox()
+        return box
+
     async def generate(self, kind: RequestKind, request: Any, hint: RoutingHint | None = None,
-                       track: int = 0) -> AsyncIterator[Accepted | Head | str | tuple[str, list[int]]]:
+                       track: int = 0, sink: Sink | None = None
+                       ) -> AsyncIterator[Accepted | Head | str | tuple[str, list[int]]]:
         """Serve one OpenAI request.
 
         Yields ``Accepted`` at once, then one ``Head`` whose ``item`` is the whole answer (a
@@ -323,8 +341,24 @@ class DecodeServer(_EngineReplica):
         batch goes as ``(text, token_ids)`` and ``Head.token_ids`` holds the first text's, so
         the ingress can resume the stream elsewhere if this replica dies; the ids are removed
         from the text unless the client asked for them.
+
+        With ``sink``, everything after the ``Head`` goes to that ingress's stream channel
+        instead (``pd_serve.channel``), ended by ``END`` (or an error payload); this call
+        then yields nothing more and returns when the stream is over.
         """
         entered = time.time()
+        box = self._outbox(sink.channel) if sink is not None else None
+        if box is not None:
+            box.active += 1
+        try:
+            async for item in self._generate(kind, request, hint, track, entered, box, sink):
+                yield item
+        finally:
+            if box is not None:
+                box.active -= 1
+
+    async def _generate(self, kind: RequestKind, request: Any, hint: RoutingHint | None, track: int,
+                        entered: float, box: ch.Outbox | None, sink: Sink | None) -> AsyncIterator[Any]:
         yield Accepted(entered)
         api = "chat" if kind == "chat" else "completions"
         marks: dict[str, float] = {}
@@ -339,18 +373,18 @@ class DecodeServer(_EngineReplica):
                 prefill_done=marks.get("prefill_done", 0.0), first_token=time.time(), where=first.where,
                 replica=self.replica_id)
             stage.move("streaming")
-            if track and isinstance(first.item, str):
-                strip = track == failover.TRACK_STRIP
+            tracked = bool(track) and isinstance(first.item, str)
+            strip = track == failover.TRACK_STRIP
+            if tracked:
                 text, ids = failover.track_chunk(first.item, strip)
                 yield Head(timeline, text, ids)
-                if stream is not None:
-                    async for batch in stream:
-                        yield failover.track_chunk("".join(batch), strip)
             else:
                 yield Head(timeline, first.item)
-                if stream is not None:
-                    async for batch in stream:
-                        yield "".join(batch)
+            if box is not None and isinstance(first.item, str):
+                await self._to_channel(box, sink.key, stream, tracked, strip)  # type: ignore[union-attr]
+            elif stream is not None:
+                async for batch in stream:
+                    yield failover.track_chunk("".join(batch), strip) if tracked else "".join(batch)
             finished = True
         finally:
             stage.close()
@@ -359,6 +393,22 @@ class DecodeServer(_EngineReplica):
                     m.CLIENT_ABORTS.labels("decode").inc()
                     await stream.aclose()
                 m.REQUESTS.labels(api, "ok" if finished else "aborted").inc()
+
+    @staticmethod
+    async def _to_channel(box: ch.Outbox, key: int, stream: Any, tracked: bool, strip: bool) -> None:
+        """The rest of a stream into its ingress's channel, then ``END``. A failure mid-stream
+        goes as an error payload (the ingress tells its client in-band); cancellation (the
+        client left) just ends it."""
+        try:
+            if stream is not None:
+                async for batch in stream:
+                    box.put(key, failover.track_chunk("".join(batch), strip) if tracked else "".join(batch))
+        except Exception as e:
+            logger.warning("stream %d failed mid-stream: %r", key, e)
+            box.put(key, {"error": f"{type(e).__name__}: {e}"})
+            raise
+        finally:
+            box.put(key, ch.END)
 
     async def _answer(self, kind: RequestKind, request: Any, hint: RoutingHint | None, api: str,
                       marks: dict[str, float], stage: InFlight) -> "_First":

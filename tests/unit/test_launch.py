@@ -54,3 +54,21 @@ def test_check_accepts_the_shipped_config(tmp_path) -> None:
     r = _run("check", str(ROOT / "configs" / "tiny-cpu.yaml"), tmp_path=tmp_path)
     assert r.returncode == 0 and "OK (tiny-llama" in r.stdout
 
+
+
+def test_check_listener_and_proxy_location_agree(tmp_path) -> None:
+    """`ingress.listener: replica` binds the port in the ingress replica: Serve's proxy must be off
+    (both set SO_REUSEPORT, so the kernel would silently split clients between them)."""
+    r = _run("check", _write(tmp_path, lambda d: d.update(proxy_location="HeadOnly")), tmp_path=tmp_path)
+    assert r.returncode == 2 and "add `proxy_location: Disabled`" in r.stdout, r.stdout
+
+    def proxy_listener_without_proxy(d):
+        d["applications"][0]["args"]["ingress"]["listener"] = "serve_proxy"
+    r = _run("check", _write(tmp_path, proxy_listener_without_proxy), tmp_path=tmp_path)
+    assert r.returncode == 2 and "leaves nothing serving HTTP" in r.stdout, r.stdout
+
+    def proxy_listener_with_proxy(d):
+        proxy_listener_without_proxy(d)
+        d["proxy_location"] = "HeadOnly"
+    r = _run("check", _write(tmp_path, proxy_listener_with_proxy), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stdout
