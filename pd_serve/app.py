@@ -26,10 +26,23 @@ from pd_serve.tiny_model import resolve_model
 GRACEFUL_SHUTDOWN_S = {"cpu": 5, "gpu": 60}
 
 
+# Ray Serve's own knobs for a replica's request path (read in each replica process):
+# - collect and freeze the start-up heap once the replica is up, so the GC's full passes no longer
+#   walk vLLM's and transformers' import-time objects (pauses of 100+ ms under load, seen as
+#   /health p99 of ~200 ms at 64 streams);
+# - run the handle's router on the replica's own event loop, and user code on it too, instead
+#   of handing each call between threads (benchmarks/README.md measures both).
+SERVE_REPLICA_ENV = {
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
+
+
 def pd_env(cfg: AppConfig) -> dict[str, str]:
     """Environment of every replica and the ingress. Offline mode only where the model is local:
     a hub id must reach the hub (with ``HF_TOKEN``, from the environment or the manifest's secret)."""
-    return {**offline_env(cfg.model), "VLLM_NO_USAGE_STATS": "1"}
+    return {**offline_env(cfg.model), "VLLM_NO_USAGE_STATS": "1", **SERVE_REPLICA_ENV}
 
 
 def transport_env(cfg: AppConfig) -> dict[str, str]:

@@ -161,27 +161,24 @@ class _Timing:
         self.received, self.parsed, self.rendered, self.head = received, parsed, rendered, head
 
 
-def _check_no_proxy() -> None:
-    """``ingress.listener: replica`` with Serve's proxy on: both would bind the port (Serve's
-    proxy also sets SO_REUSEPORT) and the kernel would split clients between them."""
+async def _proxy_is_on() -> bool:
+    """Whether Ray Serve's proxy runs: with ``ingress.listener: replica`` both would hold the
+    port (the proxy also sets SO_REUSEPORT) and the kernel would split clients between them."""
     import ray
     from ray.serve.config import ProxyLocation
 
     try:
         controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-        location = ray.get(controller.get_proxy_location.remote(), timeout=30)
+        location = await controller.get_proxy_location.remote()
     except Exception:  # a Ray without this method: the launcher's config check still applies
         logger.warning("could not read Serve's proxy location", exc_info=True)
-        return
-    if location is not None and location != ProxyLocation.Disabled:
-        raise RuntimeError(
-            f"ingress.listener is `replica` but Ray Serve's proxy is on (proxy_location: {location.value}); "
-            "set `proxy_location: Disabled` in the Serve config, or ingress.listener: serve_proxy")
+        return False
+    return location is not None and location != ProxyLocation.Disabled
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port that the other ingress replicas of this node share
-    (SO_REUSEPORT: the kernel spreads connections among them)."""
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port that the other ingress replicas of this node share
+    (SO_REUSEPORT: the kernel spreads connections among the listening ones)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -194,7 +191,6 @@ def _listen(host: str, port: int) -> socket.socket:
             f"ingress cannot listen on {host}:{port}: {e.strerror}. Another program holds the port, or Ray "
             "Serve's proxy does (ingress.listener: replica needs `proxy_location: Disabled` in the Serve "
             "config).") from e
-    sock.listen(2048)
     sock.setblocking(False)
     return sock
 
@@ -266,8 +262,7 @@ class Ingress:
         self._inboxes = ch.Inboxes(self._open_channel)
         self._http_server: Any = None
         if self.cfg.ingress.listener == "replica":
-            _check_no_proxy()
-            sock = _listen(self.cfg.ingress.host, self.cfg.ingress.port)  # a taken port fails the replica now
+            sock = _bind(self.cfg.ingress.host, self.cfg.ingress.port)  # a taken port fails the replica now
             self._listener = asyncio.get_running_loop().create_task(self._listen(sock))
 
     async def _listen(self, sock: socket.socket) -> None:
@@ -277,6 +272,13 @@ class Ingress:
         routes reach this instance through Serve's replica context)."""
         import uvicorn
 
+        if await _proxy_is_on():
+            sock.close()
+            logger.error("ingress.listener is `replica` but Ray Serve's proxy is on: not listening on %s:%d (the "
+                         "proxy serves it). Set `proxy_location: Disabled` in the Serve config, or "
+                         "ingress.listener: serve_proxy", self.cfg.ingress.host, self.cfg.ingress.port)
+            return
+        sock.listen(2048)
         while serve.get_replica_context().servable_object is None:
             await asyncio.sleep(0.05)
         config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
