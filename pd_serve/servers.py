@@ -233,8 +233,9 @@ class DecodeServer(_EngineReplica):
             update["max_completion_tokens"] = 1
         return request.model_copy(update=update)
 
-    async def _prefill_once(self, kind: RequestKind, preq: Any, hint: RoutingHint | None,
-                            request_id: str, marks: dict[str, float]) -> tuple[PrefillResult | None, str, str | None]:
+    async def _prefill_once(self, kind: RequestKind, preq: Any, hint: RoutingHint | None, request_id: str,
+                            marks: dict[str, float], stage: InFlight | None = None
+                            ) -> tuple[PrefillResult | None, str, str | None]:
         """One remote prefill. Returns (result, outcome, replica): outcome ``ok`` (result may
         still be a 4xx the client must see), ``unavailable`` (no replica within
         ``prefill_select_timeout_s``) or ``failed`` (replica died, engine error, timeout)."""
@@ -248,6 +249,8 @@ class DecodeServer(_EngineReplica):
             except asyncio.TimeoutError:
                 return None, "unavailable", None
             marks["prefill_chosen"] = time.time()
+            if stage is not None:
+                stage.move("prefill")
             try:
                 res: PrefillResult = await asyncio.wait_for(
                     self._prefill.dispatch(selection, kind, preq, hint), kt.prefill_timeout_s)
@@ -267,7 +270,8 @@ class DecodeServer(_EngineReplica):
         return res, "ok", selection.replica_id
 
     async def _remote_prefill(self, kind: RequestKind, request: Any, hint: RoutingHint | None,
-                              failed: list[str], marks: dict[str, float]) -> tuple[PrefillResult | None, str]:
+                              failed: list[str], marks: dict[str, float], stage: InFlight | None = None
+                              ) -> tuple[PrefillResult | None, str]:
         """Ask the prefill tier. Returns (result, reason); result None means: prefill locally.
 
         A prefill replica is reserved first (Ray Serve's ``choose_replica``): if none frees up
@@ -283,7 +287,9 @@ class DecodeServer(_EngineReplica):
             routed = hint if not failed else (
                 msgspec.structs.replace(hint, exclude=list(failed)) if hint is not None
                 else RoutingHint(request.request_id, [], exclude=list(failed)))
-            res, outcome, replica = await self._prefill_once(kind, preq, routed, request.request_id, marks)
+            res, outcome, replica = await self._prefill_once(kind, preq, routed, request.request_id, marks, stage)
+            if stage is not None:
+                stage.move("prefill_select")  # a retry waits for another replica; the caller moves it on
             if outcome == "ok":
                 return res, "prefill_retry" if retried else "remote"
             if outcome == "unavailable":
@@ -427,7 +433,7 @@ class DecodeServer(_EngineReplica):
                 if where == "remote":
                     request.kv_transfer_params = None
                     stage.move("prefill_select")
-                    res, got = await self._remote_prefill(kind, request, hint, failed, marks)
+                    res, got = await self._remote_prefill(kind, request, hint, failed, marks, stage)
                     marks["prefill_done"] = time.time()
                     stage.move("first_token")
                     reason = reason if (got == "remote" and reason == "pull_retry") else got
