@@ -52,7 +52,7 @@ _STATS_TTL_S = 0.25
 
 def plan_engine(cfg: AppConfig, tier: Tier, *, replica_tag: str, host: str,
                 side_channel_port: int | None, core: int | None,
-                kv_events_port: int | None = None) -> EnginePlan:
+                kv_events_port: int | None = None, kv_replay_port: int | None = None) -> EnginePlan:
     """Translate the app config into engine kwargs and environment for one replica."""
     t = getattr(cfg, tier)
     kwargs: dict[str, Any] = {
@@ -68,6 +68,10 @@ def plan_engine(cfg: AppConfig, tier: Tier, *, replica_tag: str, host: str,
         # The engine binds; routers and this replica's own decider subscribe.
         kwargs["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq",
                                       "endpoint": f"tcp://*:{kv_events_port}", "topic": KV_EVENTS_TOPIC}
+        if kv_replay_port is not None:
+            # vLLM's replay socket (ROUTER): a router that starts late, or missed a batch,
+            # fetches the engine's recent batches instead of starting blind (scheduler/events.py).
+            kwargs["kv_events_config"]["replay_endpoint"] = f"tcp://*:{kv_replay_port}"
     if cfg.device == "gpu" and t.world_size > 1:
         kwargs.setdefault("distributed_executor_backend", "ray")
     env: dict[str, str] = dict(t.env)
@@ -115,8 +119,10 @@ class EngineHost:
             port = claim_port(cfg.kv_transfer.side_channel_host or self.host,
                               cfg.kv_transfer.side_channel_base_port)
         self.kv_events_port = claim_port(self.host, 26100) if cfg.router.kv_events else None
+        self.kv_replay_port = claim_port(self.host, 26700) if cfg.router.kv_events else None
         self.plan = plan_engine(cfg, tier, replica_tag=replica_tag, host=self.host,
-                                side_channel_port=port, core=core, kv_events_port=self.kv_events_port)
+                                side_channel_port=port, core=core, kv_events_port=self.kv_events_port,
+                                kv_replay_port=self.kv_replay_port)
         os.environ.update(self.plan.env)
         self.engine: Any = None
         self.serving_completion: Any = None
@@ -159,6 +165,10 @@ class EngineHost:
     @property
     def kv_events_endpoint(self) -> str | None:
         return None if self.kv_events_port is None else f"tcp://{self.host}:{self.kv_events_port}"
+
+    @property
+    def kv_events_replay_endpoint(self) -> str | None:
+        return None if self.kv_replay_port is None else f"tcp://{self.host}:{self.kv_replay_port}"
 
     def stats(self) -> dict[str, float]:
         """The engine's load as its own Prometheus gauges show it (this process's registry).

@@ -109,6 +109,7 @@ class _EngineReplica:
     def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Ray Serve every ``request_routing_stats_period_s``; read by the routers."""
         return {**self.host.stats(), "kv_events_endpoint": self.host.kv_events_endpoint,
+                "kv_events_replay_endpoint": self.host.kv_events_replay_endpoint,
                 "kv_events_topic": KV_EVENTS_TOPIC, "block_size": self.host.block_size}
 
     async def check_health(self) -> None:
@@ -194,7 +195,8 @@ class DecodeServer(_EngineReplica):
         if self.host.kv_events_endpoint is not None:
             self._own_index = PrefixIndex(self.host.block_size)
             self._own_events = KVEventSubscriber(self._own_index, self.host.kv_events_endpoint,
-                                                 self.replica_id, topic=KV_EVENTS_TOPIC)
+                                                 self.replica_id, topic=KV_EVENTS_TOPIC,
+                                                 replay_endpoint=self.host.kv_events_replay_endpoint)
             self._own_events.start()
 
     def record_autoscaling_stats(self) -> dict[str, float]:

@@ -162,3 +162,36 @@ def test_ingress_renders_the_same_ids_the_engine_uses(pd_url: str, model_path: s
     assert engine_ids == ours
     assert (after.sum("pd_serve_routed_prompt_tokens_total", tier="decode")
             - before.sum("pd_serve_routed_prompt_tokens_total", tier="decode")) == len(engine_ids)
+
+
+def test_a_late_router_rebuilds_an_engines_blocks_from_its_replay_socket(pd_url, model_path) -> None:
+    """Warm start (issue 10, item 4): every engine publishes vLLM's KV-event replay socket in its
+    routing stats; a subscriber that starts after the engine cached a prompt gets that prompt's
+    blocks from the replay buffer, before any new event."""
+    from ray import serve
+
+    from scheduler import KVEventSubscriber, PrefixIndex, block_keys
+
+    prompt = cases.text(300, 31)
+    ids = AutoTokenizer.from_pretrained(model_path)(prompt).input_ids
+    with httpx.Client(base_url=pd_url, timeout=120) as client:
+        r = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": prompt, "max_tokens": 2,
+                                                 "temperature": 0})
+        assert r.status_code == 200, r.text
+    wait_idle(pd_url)
+    stats = serve.get_deployment_handle("DecodeServer", app_name="pd_serve").record_routing_stats.remote().result()
+    assert stats["kv_events_replay_endpoint"], stats
+    index = PrefixIndex(stats["block_size"])
+    sub = KVEventSubscriber(index, stats["kv_events_endpoint"], "decode-0", topic=stats["kv_events_topic"],
+                            replay_endpoint=stats["kv_events_replay_endpoint"])
+    sub.start(warm=True)
+    try:
+        deadline = time.monotonic() + 10
+        keys = block_keys(ids, stats["block_size"])
+        while time.monotonic() < deadline and index.match(keys).get("decode-0", 0) < len(keys):
+            time.sleep(0.1)
+        assert sub.stats.replayed_batches > 0
+        # every full block of the prompt is known without a single live event after the start
+        assert index.match(keys).get("decode-0", 0) == len(keys) == len(ids) // stats["block_size"]
+    finally:
+        sub.stop()

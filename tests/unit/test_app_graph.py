@@ -92,3 +92,16 @@ def test_tp_that_nixl_cannot_map_is_refused_at_build(tmp_path, monkeypatch) -> N
         build_app(args)
     args["prefill"]["tensor_parallel_size"] = 4  # 8 is a multiple of 4, 8 KV heads split evenly
     assert "PrefillServer" in _graph(build_app(args))
+
+
+def test_engines_publish_a_kv_event_replay_socket(tiny_args) -> None:
+    """Routers that start late (or miss a batch) rebuild from vLLM's replay buffer: every engine
+    with KV events also binds its replay socket, and vLLM's config accepts it."""
+    from vllm.config import KVEventsConfig
+
+    cfg = AppConfig.model_validate(tiny_args)
+    p = plan_engine(cfg, "decode", replica_tag="r1", host="10.0.0.5", side_channel_port=25601, core=None,
+                    kv_events_port=26101, kv_replay_port=26701)
+    ev = p.engine_kwargs["kv_events_config"]
+    assert ev["endpoint"] == "tcp://*:26101" and ev["replay_endpoint"] == "tcp://*:26701"
+    assert KVEventsConfig(**ev).replay_endpoint == "tcp://*:26701"
