@@ -175,3 +175,24 @@ def init_series(role: str) -> None:
         for st in DECODE_STAGES:
             REQUESTS_IN_FLIGHT.labels(st)
         _routing_series("prefill")
+
+
+# ------------------------------------------------------------------------------------------------
+# Waking a prefill tier that has no replica (pd_serve/servers.py `PrefillWaker`), in decode
+# replicas: at most one wake call outstanding per decode replica, so `sent` minus `answered` and
+# `failed` is 0 or 1 per replica.
+
+PREFILL_WAKES = Counter(
+    "pd_serve_prefill_wakes_total",
+    "Wake calls a decode replica sent to a prefill tier with no live replica so that Ray Serve "
+    "scales it up (sent), and how they ended: a prefill replica answered (answered) or the call "
+    "failed (failed).",
+    ["outcome"],
+)
+WAKE_OUTCOMES = ("sent", "answered", "failed")
+
+
+def init_wake_series() -> None:
+    """Create, at 0, the `pd_serve_prefill_wakes_total` series (decode replicas)."""
+    for outcome in WAKE_OUTCOMES:
+        PREFILL_WAKES.labels(outcome)

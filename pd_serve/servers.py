@@ -43,7 +43,8 @@ from pd_serve.engine import KV_EVENTS_TOPIC
 from pd_serve.phases import InFlight
 from pd_serve.protocol import (Accepted, DecodeTimeline, Head, JSONReply, PrefillResult, ReplicaInfo,
                                RequestKind, RoutingHint, Sink)
-from scheduler import DeciderParams, KVEventSubscriber, PrefixIndex, count_eligible, decide, load_profiles
+from scheduler import (DeciderParams, KVEventSubscriber, PrefixIndex, count_eligible, decide, load_profiles,
+                       wakes_prefill)
 from scheduler.plugins import SaturatedFilter
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,52 @@ class PrefillServer(_EngineReplica):
             prompt_tokens=resp.usage.prompt_tokens if resp.usage else 0,
             replica_id=self.replica_id, compute_s=time.perf_counter() - t0)
 
+    async def wake(self) -> str:
+        """Nothing: sent by a decode replica while this tier has no replica (``PrefillWaker``),
+        so that a request queues at the prefill handle and Ray Serve scales the tier up."""
+        return self.replica_id
+
+
+class PrefillWaker:
+    """Wakes a prefill tier that has no replica, from one decode replica.
+
+    At zero prefill replicas decode prefills every request locally, so no request ever reaches
+    the prefill handle and the autoscaler, which counts the requests queued at handles
+    (``PrefillQueuePolicy``), would keep the tier at zero. ``wake()`` sends one
+    ``PrefillServer.wake`` call through the handle instead, fire-and-forget: it queues there
+    until a replica runs it, which is the signal Serve scales up on. At most one is outstanding
+    per decode replica; the request path never waits for it, and a failure is only logged and
+    counted (``pd_serve_prefill_wakes_total``).
+    """
+
+    def __init__(self, prefill: Any) -> None:
+        self._prefill = prefill
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def outstanding(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def wake(self) -> bool:
+        """Send a wake call unless one is outstanding; True when one was sent."""
+        if self.outstanding:
+            return False
+        m.PREFILL_WAKES.labels("sent").inc()
+        self._task = asyncio.get_running_loop().create_task(self._call())
+        return True
+
+    async def _call(self) -> None:
+        try:
+            replica = await self._prefill.wake.remote()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # never the request's failure: the next long prompt wakes again
+            m.PREFILL_WAKES.labels("failed").inc()
+            logger.warning("waking the prefill tier failed: %r", e)
+        else:
+            m.PREFILL_WAKES.labels("answered").inc()
+            logger.info("prefill tier woke up: replica %s answered", replica)
+
 
 def prefill_filters(router: Any) -> tuple[Any, ...]:
     """The filters that make a prefill replica ineligible for the P/D decider: the scheduler's own
@@ -182,7 +229,9 @@ class DecodeServer(_EngineReplica):
 
     async def __init__(self, cfg: dict[str, Any], control: Any, prefill: Any | None) -> None:
         m.init_series("decode")
+        m.init_wake_series()
         self._prefill = prefill
+        self._waker = PrefillWaker(prefill) if prefill is not None else None
         self._prefill_state: list[ReplicaInfo] = []
         self._outboxes: dict[str, ch.Outbox] = {}  # by ingress channel (pd_serve.channel)
         await self._init(cfg, control)
@@ -429,6 +478,8 @@ class DecodeServer(_EngineReplica):
         # A trusted caller may hand over KV prefilled elsewhere (the ingress refuses these from
         # clients); then decode only pulls.
         where, reason = ("external", "preset") if request.kv_transfer_params else self._decide(hint)
+        if self._waker is not None and wakes_prefill(reason, tier_configured=True):
+            self._waker.wake()  # the tier has no replica: scale it up; this request prefills locally
         stream = None
         try:
             while True:

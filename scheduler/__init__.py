@@ -31,6 +31,7 @@ from scheduler.decider import (
     count_eligible,
     decide,
     decide_for,
+    wakes_prefill,
 )
 from scheduler.events import (
     AllBlocksCleared,
@@ -122,4 +123,5 @@ __all__ = [
     "recommend_decode",
     "recommend_prefill",
     "register_plugin",
+    "wakes_prefill",
 ]

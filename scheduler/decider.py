@@ -5,7 +5,9 @@ like llm-d's P/D profile handler and Ray Serve LLM's P/D). Checks, in order:
 
 1. ``short_uncached`` - the part of the prompt the decode engine does not cache is at most
    ``threshold_tokens``: computing it locally is cheaper than a round trip plus a KV transfer;
-2. ``no_prefill_workers`` - the prefill tier has no replica (e.g. scaled to zero);
+2. ``no_prefill_workers`` - the prefill tier has no replica (e.g. scaled to zero); when a tier
+   is configured, the caller also wakes it (`wakes_prefill`) so that it scales up, while this
+   request prefills locally;
 3. ``prefill_saturated`` - every prefill replica is filtered out (saturated or unhealthy);
 4. otherwise ``remote``.
 
@@ -47,6 +49,7 @@ __all__ = [
     "count_eligible",
     "decide",
     "decide_for",
+    "wakes_prefill",
 ]
 
 
@@ -134,6 +137,20 @@ def decide_for(
         return decide(ctx.prompt_tokens, decode_decision.matched_tokens, 0, 0, p)
     workers, eligible = prefill.eligible_counts(ctx)
     return decide(ctx.prompt_tokens, decode_decision.matched_tokens, workers, eligible, p)
+
+
+def wakes_prefill(reason: DeciderReason | str, tier_configured: bool) -> bool:
+    """Whether a decision should wake the prefill tier: the prompt would have gone remote (more
+    than ``threshold_tokens`` uncached) but the tier, though configured, has no replica (scaled to
+    zero, or all gone). The request itself still prefills locally.
+
+    A tier at zero replicas sees no request of its own (decode prefills locally instead), so
+    nothing would queue at the prefill handle and Ray Serve's autoscaler would never scale it
+    up; the wake is such a request. Short or cached prompts (``short_uncached``) would have
+    stayed local anyway and wake nothing; neither does a tier that has replicas, saturated or
+    not (its own queue is the autoscaler's signal), nor a deployment without a prefill tier.
+    """
+    return tier_configured and reason == DeciderReason.NO_PREFILL_WORKERS
 
 
 def count_eligible(replicas: Iterable[ReplicaLoad], filters: Sequence[Filter]) -> tuple[int, int]:
