@@ -16,13 +16,20 @@ Every error a client sees is in OpenAI's shape, ``{"error": {"message", "type", 
     │   │                         integer over 64 bits (the engine's msgpack cannot carry it)
     │   └── Unsupported     400   a valid parameter that disaggregated serving cannot honour
     │                             (`use_beam_search`)
-    ├── Unauthorized        401   a missing or wrong API key
+    ├── Unauthorized        401   a missing, wrong or revoked API key
     ├── NotFound            404   an unknown model or path
     ├── MethodNotAllowed    405   a known path with the wrong method (GET /v1/completions)
     ├── TooLarge            413   a body over `ingress.max_body_bytes`
+    ├── RateLimited         429   a tenant over its token budget or its concurrency cap
+    │                             (pd_serve/admission.py; carries Retry-After and x-ratelimit-*)
     ├── Internal            500   anything unexpected, named by its exception type only
     ├── PrefillFailed       502   remote prefill failed under `failure_policy: fail`
-    └── Unavailable         503   no decode replica could take the request
+    └── Unavailable         503   no decode replica could take the request; admission's queues
+                                  full, the predicted wait past the deadline, or shed for a
+                                  higher priority (with Retry-After)
+
+An error may carry response ``headers`` (``Retry-After``, ``x-ratelimit-*``); the ingress sends
+them with its body.
 
 Third-party exceptions are mapped at the boundary where they are caught, never passed to
 clients raw:
@@ -62,11 +69,15 @@ class PDServeError(Exception):
 
     status = 500
     err_type: str | None = None  # None: derived from the status ("BadRequestError", ...)
+    headers: dict[str, str] | None = None  # sent with the body (Retry-After, x-ratelimit-*)
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, *,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if headers is not None:
+            self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.status, self.err_type, self.param)
@@ -99,6 +110,13 @@ class TooLarge(PDServeError):
     err_type = "RequestTooLargeError"
 
 
+class RateLimited(PDServeError):
+    """Over a tenant's token budget or concurrency cap; ``headers`` say when to retry."""
+
+    status = 429
+    err_type = "RateLimitError"
+
+
 class Internal(PDServeError):
     status = 500
     err_type = "InternalServerError"
@@ -115,8 +133,8 @@ class Unavailable(PDServeError):
 
 
 _BY_STATUS: dict[int, type[PDServeError]] = {
-    c.status: c for c in (BadRequest, Unauthorized, NotFound, MethodNotAllowed, TooLarge, Internal,
-                          PrefillFailed, Unavailable)}
+    c.status: c for c in (BadRequest, Unauthorized, NotFound, MethodNotAllowed, TooLarge, RateLimited,
+                          Internal, PrefillFailed, Unavailable)}
 
 # pydantic-core's names for wrapper and union-branch steps in an error's `loc`: not parameters
 _INTERNAL_LOC = frozenset({
