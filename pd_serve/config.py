@@ -7,10 +7,11 @@ says what to change, before any replica or engine starts.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kv_transfer import BACKENDS
 from pd_serve.engine_args import check_engine_args
@@ -159,7 +160,8 @@ class IngressSection(_Strict):
         "probes the proxy, e.g. KubeRay's readiness checks).")
     replicas: int = Field(1, ge=1, description="Ingress replicas.")
     num_cpus: float = Field(0.1, ge=0, description="CPUs per ingress replica.")
-    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer tokens; empty disables auth.")
+    api_keys: list[str] = Field(default_factory=list, description="Deprecated, use `admission.tenants`: accepted "
+                                "bearer tokens, as one tenant `default` without limits; empty (and no tenants) disables auth.")
     retries: int = Field(1, ge=0, le=5, description="Times a request moves to another decode replica when its "
                          "replica dies: before the first byte, the same request again; mid-stream, resumed "
                          "from the tokens already sent (streams with one choice; pd_serve/failover.py). 0 "
@@ -182,8 +184,159 @@ class IngressSection(_Strict):
         "request's phases are exported as OpenTelemetry spans; unset costs nothing.")
 
 
+# Tenant names the admission metrics use for themselves: `none` (a request with no valid key),
+# `anonymous` (auth is off), `default` (the deprecated ingress.api_keys).
+RESERVED_TENANTS = ("none", "anonymous", "default")
+_KEY_REF = re.compile(r"sha256:[0-9a-f]{64}|env:[A-Za-z_][A-Za-z0-9_]*|file:.+")
+
+
+def _check_key_refs(refs: list[str], where: str) -> list[str]:
+    """Key references as written in the config: ``sha256:<64 hex>`` (lower-cased here),
+    ``env:VAR`` or ``file:PATH``. A plaintext key is refused with its hash in the message, so
+    the fix is a copy and paste; the key itself is never repeated."""
+    out = []
+    for i, ref in enumerate(refs):
+        if ref[:7].lower() == "sha256:":
+            ref = "sha256:" + ref[7:].strip().lower()
+        if not _KEY_REF.fullmatch(ref):
+            if ref.startswith(("sha256:", "env:", "file:")):
+                raise ValueError(f"{where}[{i}]: malformed key reference (`{ref.split(':', 1)[0]}:`); write "
+                                 "`sha256:<64 hex digits>`, `env:VAR_NAME` or `file:/path/to/key`")
+            digest = hashlib.sha256(ref.encode()).hexdigest()
+            raise ValueError(
+                f"{where}[{i}] is a plaintext key; the config holds only key hashes. Write "
+                f"`sha256:{digest}` (this key's sha256; `python -m pd_serve.admission hash-key` prints "
+                "it for a key read from stdin), or `env:VAR` / `file:PATH` to read the key at start-up")
+        out.append(ref)
+    return out
+
+
+class TenantConfig(_Strict):
+    """A tenant: who it is (its API keys), its priority class and its limits."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="Tenant name: the `tenant` label of the admission metrics.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="The tenant's bearer keys, never in plaintext: `sha256:<hex>` (the "
+        "key's sha256; `python -m pd_serve.admission hash-key`), or `env:VAR` / `file:PATH`, read and hashed "
+        "when the ingress starts.")
+    revoked_keys: list[str] = Field(
+        default_factory=list, description="Keys that once were the tenant's, written the same way: they get "
+        "a 401 that says the key was revoked.")
+    priority: str = Field("standard", description="Priority class (a name in `admission.classes`).")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Token budget (prompt + completion) per minute: a bucket of this many tokens "
+        "refilled continuously. Each request reserves prompt + max_tokens at admission and is settled to "
+        "its actual usage when it ends. None: no token limit.")
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="Requests of this tenant admitted at once (queued or running); split "
+        "evenly over the ingress replicas. None: no cap.")
+
+    @field_validator("api_keys", "revoked_keys")
+    @classmethod
+    def _key_refs(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        return _check_key_refs(v, f"tenant {info.data.get('name', '?')}: {info.field_name}")
+
+    @model_validator(mode="after")
+    def _keys(self) -> "TenantConfig":
+        if set(self.api_keys) & set(self.revoked_keys):
+            raise ValueError(f"tenant {self.name}: a key is in both api_keys and revoked_keys")
+        return self
+
+
+class PriorityClassConfig(_Strict):
+    """A priority class: its admission queue and its time-to-first-token deadline."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$", description="Class name.")
+    max_queue: int = Field(64, ge=0, description="Requests of this class that may wait for a slot (per "
+                           "ingress replica); past it, a 503 with Retry-After at once. 0: never wait.")
+    ttft_deadline_s: float | None = Field(
+        None, gt=0, description="Reject at the door (503) a request whose predicted wait for a slot exceeds "
+        "this; None: `admission.ttft_deadline_s`.")
+    max_queue_wait_s: float = Field(30.0, gt=0, description="Longest a request waits in the queue before "
+                                    "it gets a 503 with Retry-After.")
+
+
+class LeaseSection(_Strict):
+    """How ingress replicas share one token budget per tenant (docs/admission.md)."""
+
+    max_fraction: float = Field(
+        0.1, gt=0, le=1, description="Most of a tenant's tokens_per_minute one ingress replica holds as a "
+        "lease. The overshoot bound: over any interval, a tenant is admitted at most its budget plus the "
+        "sum of its replicas' lease caps (replicas x this x tokens_per_minute).")
+    sync_period_s: float = Field(0.5, gt=0, description="How often each ingress replica reports its balances "
+                                 "and tops up its leases (in the background, one call for all tenants).")
+    ttl_s: float = Field(10.0, gt=0, description="A lease not renewed for this long is void: the replica "
+                         "stops spending it and the ledger forgets the replica.")
+    wait_s: float = Field(0.25, ge=0, description="Longest a request waits for a lease top-up when its "
+                          "replica's lease is short but the tenant's budget has tokens; then a 429.")
+
+    @model_validator(mode="after")
+    def _periods(self) -> "LeaseSection":
+        if self.ttl_s <= 2 * self.sync_period_s:
+            raise ValueError(f"lease.ttl_s ({self.ttl_s:g}) must exceed twice lease.sync_period_s "
+                             f"({self.sync_period_s:g}), or every lease lapses between renewals")
+        return self
+
+
+def _default_classes() -> list[PriorityClassConfig]:
+    return [PriorityClassConfig(name="interactive", max_queue=32),
+            PriorityClassConfig(name="standard", max_queue=64),
+            PriorityClassConfig(name="batch", max_queue=128)]
+
+
+class AdmissionSection(_Strict):
+    """Tenants, token budgets, priorities and overload shedding at the ingress (docs/admission.md)."""
+
+    tenants: list[TenantConfig] = Field(default_factory=list, description="Tenants; with any, every /v1 "
+                                        "request needs one of their keys.")
+    classes: list[PriorityClassConfig] = Field(
+        default_factory=_default_classes, description="Priority classes, highest first: a free slot goes to "
+        "the highest class waiting, and when the queues are full a lower class is shed first.")
+    default_priority: str = Field("standard", description="Class of the `default` tenant (ingress.api_keys) "
+                                  "and of requests when auth is off.")
+    max_in_flight: int | None = Field(
+        None, ge=1, description="Requests one ingress replica lets through at once (slots); the rest wait "
+        "in their class's queue. None: no slots, no queue (budgets and caps still apply).")
+    max_queued: int = Field(256, ge=0, description="All classes' queues together, per ingress replica.")
+    ttft_deadline_s: float | None = Field(
+        None, gt=0, description="Early rejection: a request that would wait for a slot longer than this "
+        "(queue ahead x mean service time / slots, plus mean time to first token) gets a 503 with "
+        "Retry-After at once. None: off.")
+    lease: LeaseSection = Field(default_factory=LeaseSection, description="Token leases shared across ingress replicas.")
+
+    @model_validator(mode="after")
+    def _names(self) -> "AdmissionSection":
+        classes = [c.name for c in self.classes]
+        if not classes:
+            raise ValueError("admission.classes needs at least one class")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"admission.classes: duplicate class names in {classes}")
+        if self.default_priority not in classes:
+            raise ValueError(f"admission.default_priority {self.default_priority!r} is not a class; "
+                             f"choose one of {classes}")
+        seen: dict[str, str] = {}
+        names: set[str] = set()
+        for t in self.tenants:
+            if t.name in RESERVED_TENANTS:
+                raise ValueError(f"tenant name {t.name!r} is reserved (reserved: {', '.join(RESERVED_TENANTS)})")
+            if t.name in names:
+                raise ValueError(f"two tenants are named {t.name!r}")
+            names.add(t.name)
+            if t.priority not in classes:
+                raise ValueError(f"tenant {t.name}: priority {t.priority!r} is not a class; choose one of {classes}")
+            for ref in (*t.api_keys, *t.revoked_keys):
+                if seen.setdefault(ref, t.name) != t.name:
+                    raise ValueError(f"tenants {seen[ref]} and {t.name} share a key ({ref.split(':', 1)[0]}:...); "
+                                     "a key belongs to one tenant")
+        return self
+
+
 class AppConfig(_Strict):
     """Everything `pd_serve.app:build_app` needs. Every field is described."""
+
+    # never echo config values in errors: they may hold API keys
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     model: str = Field(..., description="HF model directory or hub id; `tiny://llama` is the offline test model.")
     served_model_name: str | None = Field(None, description="Name clients use in `model`; defaults to `model`.")
@@ -194,6 +347,8 @@ class AppConfig(_Strict):
     kv_transfer: KVTransferSection = Field(default_factory=KVTransferSection, description="How KV moves between tiers.")
     router: RouterSection = Field(default_factory=RouterSection, description="Replica choice and the P/D decision.")
     ingress: IngressSection = Field(default_factory=IngressSection, description="The OpenAI HTTP front.")
+    admission: AdmissionSection = Field(default_factory=AdmissionSection,
+                                        description="Tenants, API keys, token budgets, priorities (docs/admission.md).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "AppConfig":
@@ -256,7 +411,7 @@ def reference_markdown() -> str:
             ann = f.annotation
             sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)
                         and issubclass(a, BaseModel)), None)
-            key = f"{prefix}{name}"
+            key = f"{prefix}{name}" + ("[]" if getattr(ann, "__origin__", None) is list and sub else "")
             if sub is not None and sub is not AutoscalingBounds:
                 rows.append(f"| `{key}` | section | | {f.description} |")
                 walk(sub, key + ".")
