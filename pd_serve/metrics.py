@@ -178,6 +178,68 @@ def init_series(role: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Admission (pd_serve/admission.py), in the ingress. `tenant` takes config tenant names only, plus
+# `none` (no valid key), `anonymous` (auth off) and `default` (the deprecated ingress.api_keys);
+# `priority` takes the config's class names.
+
+ADMISSIONS = Counter(
+    "pd_serve_admission_total",
+    "Admission decisions at the ingress, by tenant, outcome (admitted, rejected, cancelled) and reason.",
+    ["tenant", "outcome", "reason"],
+)
+ADMISSION_TOKENS_RESERVED = Counter(
+    "pd_serve_admission_tokens_reserved_total",
+    "Tokens reserved at admission (prompt + max_tokens), by tenant.",
+    ["tenant"],
+)
+ADMISSION_TOKENS_USED = Counter(
+    "pd_serve_admission_tokens_used_total",
+    "Tokens charged when requests ended (actual prompt + completion), by tenant.",
+    ["tenant"],
+)
+ADMISSION_TOKENS_REFUNDED = Counter(
+    "pd_serve_admission_tokens_refunded_total",
+    "Reserved tokens given back when requests ended (reserved - used; all of it for a request "
+    "rejected after its reservation), by tenant.",
+    ["tenant"],
+)
+ADMISSION_QUEUE_DEPTH = Gauge(
+    "pd_serve_admission_queue_depth",
+    "Requests waiting for an admission slot, by priority class.",
+    ["priority"],
+)
+ADMISSION_IN_FLIGHT = Gauge(
+    "pd_serve_admission_in_flight",
+    "Requests holding an admission slot (admitted, not yet settled), by priority class.",
+    ["priority"],
+)
+# (outcome, reason) of pd_serve_admission_total
+ADMISSION_OUTCOMES = (
+    ("admitted", "ok"), ("admitted", "queued"),
+    ("rejected", "unauthorized"), ("rejected", "revoked"), ("rejected", "tokens"),
+    ("rejected", "too_large"), ("rejected", "concurrency"), ("rejected", "queue_full"),
+    ("rejected", "deadline"), ("rejected", "shed"), ("rejected", "queue_timeout"),
+    ("cancelled", "client"),
+)
+
+
+def init_admission_series(tenants: list[str] | tuple[str, ...], classes: list[str] | tuple[str, ...]) -> None:
+    """Create, at 0, the admission series of these tenants and priority classes, and
+    `{tenant="none", outcome="rejected", reason="unauthorized"}` (requests without a valid key)."""
+    ADMISSIONS.labels("none", "rejected", "unauthorized")
+    for t in tenants:
+        for outcome, reason in ADMISSION_OUTCOMES:
+            if reason != "unauthorized":
+                ADMISSIONS.labels(t, outcome, reason)
+        ADMISSION_TOKENS_RESERVED.labels(t)
+        ADMISSION_TOKENS_USED.labels(t)
+        ADMISSION_TOKENS_REFUNDED.labels(t)
+    for c in classes:
+        ADMISSION_QUEUE_DEPTH.labels(c)
+        ADMISSION_IN_FLIGHT.labels(c)
+
+
+# ------------------------------------------------------------------------------------------------
 # Waking a prefill tier that has no replica (pd_serve/servers.py `PrefillWaker`), in decode
 # replicas: at most one wake call outstanding per decode replica, so `sent` minus `answered` and
 # `failed` is 0 or 1 per replica.
