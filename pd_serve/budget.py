@@ -165,6 +165,24 @@ def ledger_actor(name: str = LEDGER_NAME, *, ttl_s: float = 10.0, namespace: str
     return ray.remote(BudgetLedger).options(**opts).remote(ttl_s)
 
 
+
+def overshoot(events: list[tuple[float, float]], capacity: float, rate: float) -> float:
+    """How far a schedule of charges overshoots one token bucket: the most tokens charged
+    (reserved minus refunded) over any interval beyond what one bucket of ``capacity`` refilled
+    at ``rate`` allows there (capacity + rate x length), or 0. ``events``: (time, tokens) in
+    time order, tokens > 0 for a reservation, < 0 for a refund. One pass: for the interval from
+    event i+1 to event j the excess is S_j - S_i - rate (t_j - t_{i+1}) - capacity, with S the
+    running sum."""
+    worst = -math.inf
+    best_start = math.inf      # min over i of S_i - rate * t_{i+1}
+    s = 0.0
+    for t, n in events:
+        best_start = min(best_start, s - rate * t)
+        s += n
+        worst = max(worst, s - rate * t - best_start - capacity)
+    return max(worst, 0.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # The replica side
 

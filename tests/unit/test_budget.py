@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, target
 from hypothesis import strategies as st
 
-from pd_serve.budget import BudgetLedger, LeaseClient
+from pd_serve.budget import BudgetLedger, LeaseClient, overshoot
 
 
 class Clock:
@@ -176,19 +176,6 @@ def test_two_replicas_never_hold_more_than_the_budget() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # The overshoot bound
-
-
-def overshoot(events: list[tuple[float, float]], capacity: float, rate: float) -> float:
-    """Most tokens charged (reserved - refunded) over any interval beyond what one bucket allows
-    (capacity + rate x length). ``events``: (time, tokens), in time order."""
-    worst = -math.inf
-    best_start = math.inf      # min over i of S_i - rate * t_{i+1}
-    s = 0.0
-    for k, (t, n) in enumerate(events):
-        best_start = min(best_start, s - rate * t)
-        s += n
-        worst = max(worst, s - rate * t - best_start - capacity)
-    return max(worst, 0.0)
 
 
 def test_overshoot_reaches_one_lease_when_refunds_arrive_after_a_sync() -> None:
