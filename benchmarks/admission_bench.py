@@ -72,9 +72,9 @@ def _section(tenants: int, *, tpm: int | None, cap: int | None, slots: int | Non
         "lease": {"max_fraction": 0.1, "sync_period_s": sync_period_s, "ttl_s": 10, "wait_s": 1.0}})
 
 
-def _pct(xs: list[int], q: float) -> float:
+def _pct(xs: list[int], q: float) -> float | None:
     if not xs:
-        return float("nan")
+        return None
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] / 1000.0  # ns -> us
 
@@ -169,7 +169,7 @@ def bench_cost(args: argparse.Namespace) -> dict[str, Any]:
         rng = random.Random(args.seed)
         res = asyncio.run(_run(scenarios[name](), args, rng))
         out[name] = res
-        a = res["admit_settle_us"]
+        a = {k: float("nan") if v is None else v for k, v in res["admit_settle_us"].items()}
         print(f"  {name:12s} {res['requests']:7d} req  admit+settle p50 {a['p50']:7.1f} us  p99 {a['p99']:7.1f} us  "
               f"cpu/req {res['cpu_us_per_request']:6.1f} us  {res['outcomes']}", flush=True)
     return out
