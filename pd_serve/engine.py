@@ -20,6 +20,7 @@ from typing import Any, Literal
 from kv_transfer import ReplicaTransferIdentity, get_backend
 from kv_transfer.ports import claim_core, claim_port
 from pd_serve.config import AppConfig
+from pd_serve.protocol import ReplicaStats
 from pd_serve.tiny_model import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class EngineHost:
         self.serving_chat: Any = None
         self.serving_models: Any = None
         self.vllm_config: Any = None
-        self._stats: dict[str, float] = {}
+        self._stats = ReplicaStats()
         self._stats_at = float("-inf")
 
     async def start(self) -> None:
@@ -170,7 +171,7 @@ class EngineHost:
     def kv_events_replay_endpoint(self) -> str | None:
         return None if self.kv_replay_port is None else f"tcp://{self.host}:{self.kv_replay_port}"
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> "ReplicaStats":
         """The engine's load as its own Prometheus gauges show it (this process's registry).
 
         Read by the heartbeat, Serve's routing-stats poll and the autoscaling report, each about
@@ -188,11 +189,13 @@ class EngineHost:
                 key = want.get(sample.name)
                 if key is not None:
                     out[key] += sample.value
-        out["num_running"] = int(out["num_running"])
-        out["num_waiting"] = int(out["num_waiting"])
-        out["capacity_blocks"] = int(self.vllm_config.cache_config.num_gpu_blocks or 0)
-        self._stats, self._stats_at = out, now
-        return out
+        self._stats = ReplicaStats(
+            kv_usage=out["kv_usage"], num_running=int(out["num_running"]), num_waiting=int(out["num_waiting"]),
+            capacity_blocks=int(self.vllm_config.cache_config.num_gpu_blocks or 0), block_size=self.block_size,
+            kv_events_endpoint=self.kv_events_endpoint, kv_events_replay_endpoint=self.kv_events_replay_endpoint,
+            kv_events_topic=KV_EVENTS_TOPIC if self.kv_events_port is not None else "")
+        self._stats_at = now
+        return self._stats
 
     @property
     def block_size(self) -> int:

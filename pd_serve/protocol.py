@@ -31,6 +31,34 @@ class PrefillResult(msgspec.Struct, frozen=True):
     compute_s: float = 0.0
 
 
+class ReplicaStats(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One engine replica's load and KV-event endpoints: what the engine reports
+    (``EngineHost.stats``), what Ray Serve polls for the routers (``record_routing_stats``,
+    sent as ``to_dict()`` because Serve keeps routing stats as a dict), and what the heartbeat
+    copies into ``ReplicaInfo`` for the P/D decider. ``from_dict`` is the routers' side."""
+
+    kv_usage: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
+    capacity_blocks: int = 0
+    # prompt tokens queued or in prefill at this replica (prefill tier); None: not reported
+    queued_prefill_tokens: float | None = None
+    prefill_tps: float | None = None  # measured prefill rate, tokens/s; None: not measured
+    block_size: int = 0
+    kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
+    kv_events_topic: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.structs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "ReplicaStats | None":
+        if not d:
+            return None
+        return msgspec.convert(d, cls, strict=False)
+
+
 class ReplicaInfo(msgspec.Struct, frozen=True):
     """A replica's registration with the control deployment (heartbeated)."""
 

@@ -26,7 +26,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from pd_serve import metrics as m
 from pd_serve import routing_metrics
-from pd_serve.protocol import RoutingHint
+from pd_serve.protocol import ReplicaStats, RoutingHint
 from scheduler import (
     KVEventSubscriber,
     NoEligibleWorker,
@@ -98,23 +98,23 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
 
     def _refresh(self, replicas: list[RunningReplica]) -> None:
         for r in replicas:
-            stats = r.routing_stats or {}
+            stats = ReplicaStats.from_dict(r.routing_stats)
             rid = r.replica_id.unique_id
             if rid not in self.sched.registry:
                 self.sched.registry.add(rid)
-            if stats:
-                # prefill_tps / queued_prefill_tokens: optional; without them the router's own
-                # backlog estimate and the peers' (or assumed) rate stand in (docs/scheduler.md)
-                self.sched.registry.update(
-                    rid, kv_usage=stats.get("kv_usage"), num_running=stats.get("num_running"),
-                    num_waiting=stats.get("num_waiting"), capacity_blocks=stats.get("capacity_blocks"),
-                    prefill_tps=stats.get("prefill_tps"), queued_prefill_tokens=stats.get("queued_prefill_tokens"))
-            endpoint = stats.get("kv_events_endpoint")
-            if endpoint and rid not in self._subs:
-                # with the engine's replay socket (optional stats key), a new or restarted router
-                # rebuilds the engine's blocks from vLLM's replay buffer at once (warm start)
-                replay = stats.get("kv_events_replay_endpoint")
-                sub = KVEventSubscriber(self.sched.index, endpoint, rid, topic=stats.get("kv_events_topic", ""),
+            if stats is None:
+                continue
+            # prefill_tps / queued_prefill_tokens: optional; without them the router's own
+            # backlog estimate and the peers' (or assumed) rate stand in (docs/scheduler.md)
+            self.sched.registry.update(
+                rid, kv_usage=stats.kv_usage, num_running=stats.num_running, num_waiting=stats.num_waiting,
+                capacity_blocks=stats.capacity_blocks, prefill_tps=stats.prefill_tps,
+                queued_prefill_tokens=stats.queued_prefill_tokens)
+            if stats.kv_events_endpoint and rid not in self._subs:
+                # with the engine's replay socket, a new or restarted router rebuilds the
+                # engine's blocks from vLLM's replay buffer at once (warm start)
+                replay = stats.kv_events_replay_endpoint
+                sub = KVEventSubscriber(self.sched.index, stats.kv_events_endpoint, rid, topic=stats.kv_events_topic,
                                         replay_endpoint=replay)
                 sub.start(warm=replay is not None)
                 self._subs[rid] = sub

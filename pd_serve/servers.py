@@ -42,7 +42,7 @@ from pd_serve.errors import error_body
 from pd_serve.engine import KV_EVENTS_TOPIC
 from pd_serve.phases import InFlight
 from pd_serve.protocol import (Accepted, DecodeTimeline, Head, JSONReply, PrefillResult, ReplicaInfo,
-                               RequestKind, RoutingHint, Sink)
+                               ReplicaStats, RequestKind, RoutingHint, Sink)
 from scheduler import (DeciderParams, KVEventSubscriber, PrefixIndex, count_eligible, decide, load_profiles,
                        wakes_prefill)
 from scheduler.plugins import SaturatedFilter
@@ -95,9 +95,9 @@ class _EngineReplica:
     async def _beat(self) -> None:
         while True:
             try:
-                st = self.host.stats()
+                st = self.stats()
                 self.info = msgspec.structs.replace(
-                    self.info, kv_usage=st["kv_usage"], num_running=st["num_running"], num_waiting=st["num_waiting"])
+                    self.info, kv_usage=st.kv_usage, num_running=st.num_running, num_waiting=st.num_waiting)
                 await self._control.register.remote(self.info)
                 await self._on_beat()
             except Exception:
@@ -107,11 +107,14 @@ class _EngineReplica:
     async def _on_beat(self) -> None:
         pass
 
+    def stats(self) -> ReplicaStats:
+        """This replica's ``ReplicaStats``: the engine's, plus what the replica itself knows."""
+        return self.host.stats()
+
     def record_routing_stats(self) -> dict[str, Any]:
-        """Polled by Ray Serve every ``request_routing_stats_period_s``; read by the routers."""
-        return {**self.host.stats(), "kv_events_endpoint": self.host.kv_events_endpoint,
-                "kv_events_replay_endpoint": self.host.kv_events_replay_endpoint,
-                "kv_events_topic": KV_EVENTS_TOPIC, "block_size": self.host.block_size}
+        """Polled by Ray Serve every ``request_routing_stats_period_s``; read by the routers
+        (``ReplicaStats.from_dict``). Serve keeps routing stats as a dict."""
+        return self.stats().to_dict()
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising restarts the replica."""
@@ -139,6 +142,9 @@ class PrefillServer(_EngineReplica):
     async def __init__(self, cfg: dict[str, Any], control: Any) -> None:
         self._queued_tokens = 0  # prompt tokens of requests queued or in prefill here
         await self._init(cfg, control)
+
+    def stats(self) -> ReplicaStats:
+        return msgspec.structs.replace(self.host.stats(), queued_prefill_tokens=float(self._queued_tokens))
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The prefill tier scales on queued prefill work (``pd_serve.autoscaling``)."""
@@ -250,7 +256,7 @@ class DecodeServer(_EngineReplica):
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The decode tier scales on KV-cache usage (``pd_serve.autoscaling``)."""
-        return {KV_USAGE: float(self.host.stats()["kv_usage"])}
+        return {KV_USAGE: float(self.host.stats().kv_usage)}
 
     async def _on_beat(self) -> None:
         if self._prefill is not None:
