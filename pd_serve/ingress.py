@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
@@ -195,6 +196,42 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _settle_reply(ticket: Any, reply: JSONReply) -> None:
+    """Settle a whole (non-streamed) answer's reservation from its ``usage``."""
+    if reply.status != 200:
+        ticket.settle(0, 0, "failed")
+        return
+    try:
+        u = json.loads(reply.body).get("usage") or {}
+        ticket.settle(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+    except (ValueError, AttributeError, TypeError):
+        ticket.release()  # usage unknown: charge the whole reservation
+
+
+class _StreamUsage:
+    """What a stream used, for its admission ticket: the prompt as rendered, and the completion
+    tokens. Exact for a tracked stream (the token ids decode reported, ``pd_serve.failover``);
+    otherwise one token per SSE event that carries output (vLLM sends one per engine step and
+    choice), the role, usage and ``[DONE]`` events not counted."""
+
+    __slots__ = ("prompt_tokens", "_resume", "_events", "_overhead")
+
+    def __init__(self, kind: str, req: Any, prompt_tokens: int, resume: "_Resume | None") -> None:
+        self.prompt_tokens, self._resume, self._events = prompt_tokens, resume, 0
+        n = max(1, getattr(req, "n", 1) or 1)
+        include_usage = bool(getattr(req, "stream_options", None) and req.stream_options.include_usage)
+        self._overhead = 1 + (n if kind == "chat" else 0) + int(include_usage)
+
+    def add(self, text: str) -> None:
+        if self._resume is None:
+            self._events += text.count("data: ")
+
+    def completion_tokens(self) -> int:
+        if self._resume is not None:
+            return len(self._resume.ids)
+        return max(0, self._events - self._overhead)
+
+
 def _merge(pages: list[tuple[Any, str]], own_replica: str = "") -> bytes:
     """Replicas' metric pages and this ingress's own registry, merged into one family per name
     (a name twice would break Prometheus' parser). Every sample gets the process it came from:
@@ -235,7 +272,16 @@ class Ingress:
         self.control = control
         self.models = {self.cfg.model_name}
         self.request_models = {"completion": CompletionRequest, "chat": ChatCompletionRequest}
-        self.api_keys = set(self.cfg.ingress.api_keys)
+        # Tenants, keys, token budgets and priorities (pd_serve/admission.py); with several
+        # ingress replicas the budgets are leased from one ledger actor (pd_serve/budget.py).
+        from pd_serve.admission import Admission
+
+        ledger = None
+        if self.cfg.ingress.replicas > 1 and any(t.tokens_per_minute for t in self.cfg.admission.tenants):
+            from pd_serve.budget import ledger_actor
+
+            ledger = ledger_actor()
+        self.admission = Admission.from_config(self.cfg, replica_id=self._replica_id, ledger=ledger)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.cfg.model))
@@ -254,6 +300,19 @@ class Ingress:
         self._announced = False
         pre = self.cfg.prefill
         self._expect_prefill = (pre.autoscaling.min_replicas if pre.autoscaling else pre.fixed_replicas(1)) > 0
+        # Own metrics on a port of their own too: with several ingress replicas, whichever answers
+        # /metrics gathers the others' admission and request counters from there.
+        from ray.util import get_node_ip_address
+
+        from kv_transfer.ports import claim_port
+        from pd_serve.protocol import ReplicaInfo
+
+        node = get_node_ip_address()
+        mport = claim_port(node, 29600)
+        start_http_server(mport, addr=node)
+        self._info = ReplicaInfo(replica_id=self._replica_id, tier="ingress",
+                                 metrics_url=f"http://{node}:{mport}/metrics", engine_id="", node_ip=node,
+                                 pid=os.getpid())
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_replicas())
         self._gather: asyncio.Future | None = None  # the /metrics gather in progress
         # Streams come back on one channel per decode replica (pd_serve.channel), not one
@@ -261,6 +320,7 @@ class Ingress:
         self._sink = f"{self._replica_id}-{id(self):x}"
         self._inboxes = ch.Inboxes(self._open_channel)
         self._http_server: Any = None
+        self._admission_started = asyncio.get_running_loop().create_task(self.admission.start())
         if self.cfg.ingress.listener == "replica":
             sock = _bind(self.cfg.ingress.host, self.cfg.ingress.port)  # a taken port fails the replica now
             self._listener = asyncio.get_running_loop().create_task(self._listen(sock))
@@ -272,6 +332,7 @@ class Ingress:
         routes reach this instance through Serve's replica context)."""
         import uvicorn
 
+        await self._admission_started  # first leases before the first request
         if await _proxy_is_on():
             sock.close()
             logger.error("ingress.listener is `replica` but Ray Serve's proxy is on: not listening on %s:%d (the "
@@ -302,6 +363,7 @@ class Ingress:
     async def _refresh_replicas(self) -> None:
         while True:
             try:
+                await self.control.register.remote(self._info)  # so that the other ingresses gather our metrics
                 infos = await self.control.replicas.remote()
                 counts = {"decode": 0, "prefill": 0}
                 for r in infos:
@@ -320,13 +382,21 @@ class Ingress:
             await asyncio.sleep(_REFRESH_S)
 
     # -- admission --------------------------------------------------------------------------
-    def _auth(self, request: Request) -> JSONResponse | None:
-        if not self.api_keys:
-            return None
-        auth = request.headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or auth[7:] not in self.api_keys:
-            return _respond(Unauthorized("invalid or missing API key"))
-        return None
+    def _auth(self, request: Request) -> Any:
+        """The request's tenant (``pd_serve.admission``), or the 401 to answer."""
+        try:
+            return self.admission.authenticate(request.headers.get("authorization"))
+        except PDServeError as e:
+            return _respond(e, e.headers)
+
+    def _reservation(self, kind: str, req: Any, hint: RoutingHint | None) -> tuple[int, int]:
+        """(prompt tokens, most completion tokens) to reserve: the rendered prompt, and the
+        request's own limit (else what the context leaves), times its choices."""
+        prompt = len(hint.token_ids) if hint is not None else 0
+        limit = failover._budget(kind, req)
+        if limit is None:
+            limit = max(1, (self._max_model_len or 0) - prompt) if self._max_model_len else 0
+        return prompt, limit * max(1, getattr(req, "n", 1) or 1)
 
     async def _read_body(self, request: Request) -> bytes | JSONResponse:
         """The body, or a 413 as soon as it is known to exceed ``ingress.max_body_bytes``
@@ -393,9 +463,12 @@ class Ingress:
         received = time.time()
         stage = InFlight(m.REQUESTS_IN_FLIGHT, "ingress")
         handed_over = False
+        key = 0
+        ticket = None
         try:
-            if (denied := self._auth(request)) is not None:
-                return denied
+            tenant = self._auth(request)
+            if isinstance(tenant, Response):
+                return tenant
             body = await self._read_body(request)
             if isinstance(body, Response):
                 return body
@@ -407,12 +480,15 @@ class Ingress:
             if isinstance(req, Response):
                 return req
             rendered = time.time()
+            try:
+                ticket = await self.admission.admit_tenant(tenant, *self._reservation(kind, req, hint))
+            except PDServeError as e:
+                return _respond(e, e.headers)
             stage.move("to_decode")
             track = failover.track_mode(kind, req, hint is not None, self.cfg.ingress.retries > 0)
             resume = _Resume(kind, req, hint, track == failover.TRACK_KEEP) if track else None
             if track:
                 req.return_token_ids = True  # decode reads the ids and strips them unless asked
-            key = 0
             for attempt in range(self.cfg.ingress.retries + 1):
                 self._inboxes.drop(key)
                 gen, key, inbox = self._call(kind, req, hint, track)
@@ -442,23 +518,29 @@ class Ingress:
                 return _err(503, "no decode replica could serve the request", err_type="ServiceUnavailableError")
             timing = _Timing(req.request_id, kind, received, parsed, rendered, head)
             first = head.item
+            ticket.first_token()
             if isinstance(first, JSONReply):
                 if first.status >= 400:
                     m.INGRESS_ERRORS.labels(str(first.status)).inc()
                 first_byte = time.time()
                 self._trace(timing, self._observe(timing, first_byte), first_byte)
-                return Response(first.body, status_code=first.status, media_type="application/json")
+                _settle_reply(ticket, first)
+                return Response(first.body, status_code=first.status, media_type="application/json",
+                                headers=ticket.headers())
             handed_over = True
             self._inboxes.bind(key, head.timeline.replica)
             if resume is not None:
                 resume.ids.extend(head.token_ids)
                 resume.replica = head.timeline.replica
-            return StreamingResponse(self._stream(first, gen, key, inbox, timing, stage, resume),
-                                     media_type="text/event-stream")
+            usage = _StreamUsage(kind, req, len(hint.token_ids) if hint is not None else 0, resume)
+            return StreamingResponse(self._stream(first, gen, key, inbox, timing, stage, resume, ticket, usage),
+                                     media_type="text/event-stream", headers=ticket.headers())
         finally:
             if not handed_over:
                 stage.close()
                 self._inboxes.drop(key)
+                if ticket is not None:
+                    ticket.settle(0, 0, "failed")  # no-op once settled; else nothing reached an engine
 
     def _no_decode(self, waited: float) -> bool:
         """Give up on a request no decode replica has taken after ``waited`` seconds: only
@@ -505,7 +587,8 @@ class Ingress:
             self._tracer.request(t.request_id, t.kind, chain, end, {"pd_serve.prefill": t.head.timeline.where})
 
     async def _stream(self, first: str, gen: Any, key: int, inbox: asyncio.Queue, timing: "_Timing",
-                      stage: InFlight, resume: "_Resume | None") -> AsyncIterator[str]:
+                      stage: InFlight, resume: "_Resume | None", ticket: Any,
+                      usage: "_StreamUsage") -> AsyncIterator[str]:
         """The SSE stream after its first text, from the request's inbox (``pd_serve.channel``):
         each write to the client holds everything that has arrived. If the decode replica dies
         mid-stream and the request is resumable (``pd_serve.failover``), it continues on
@@ -515,7 +598,9 @@ class Ingress:
         stage.move("streaming")
         chain = self._observe(timing, time.time())
         rewrite = None
+        outcome = "aborted"
         try:
+            usage.add(first)
             yield first
             done = False
             while not done:
@@ -539,7 +624,9 @@ class Ingress:
                         break
                     payload = inbox.get_nowait()
                 if parts:
-                    yield "".join(parts)
+                    text = "".join(parts)
+                    usage.add(text)
+                    yield text
                 if type(payload) is ch.Gone:
                     if resume is None or resume.attempts >= self.cfg.ingress.retries:
                         raise payload.error
@@ -548,16 +635,20 @@ class Ingress:
                     gen.cancel()
                     self._inboxes.drop(key)
                     gen, key, inbox, text, rewrite = await self._resume(resume, first, stage)
+                    usage.add(text)
                     yield text
+            outcome = "finished"
         except asyncio.CancelledError:
             raise
         except Exception as e:  # decode died mid-stream and could not be resumed: say so, in-band
             logger.warning("request %s: stream broke: %r", timing.request_id, e)
             if resume is not None:
                 m.STREAM_FAILOVERS.labels("failed").inc()
+            outcome = "failed"
             yield f"data: {json.dumps(error_body(f'stream interrupted: {type(e).__name__}', 503))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
+            ticket.settle(usage.prompt_tokens, usage.completion_tokens(), outcome)
             stage.close()
             self._inboxes.drop(key)
             gen.cancel()  # no-op when finished; aborts decode (and prefill) on disconnect
@@ -595,6 +686,13 @@ class Ingress:
         m.STREAM_FAILOVERS.labels("resumed").inc()
         return gen, key, inbox, rewrite(head.item), rewrite
 
+    async def __del__(self) -> None:
+        """Serve's shutdown hook: unspent token leases go back to the ledger."""
+        try:
+            await self.admission.close()
+        except Exception:
+            logger.warning("could not hand token leases back", exc_info=True)
+
     # -- routes -----------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -608,8 +706,9 @@ class Ingress:
     async def list_models(self, request: Request) -> Response:
         from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
 
-        if (denied := self._auth(request)) is not None:
-            return denied
+        tenant = self._auth(request)
+        if isinstance(tenant, Response):
+            return tenant
         cards = [ModelCard(id=name, root=self.cfg.model, owned_by="pd_serve", max_model_len=self._max_model_len)
                  for name in sorted(self.models)]
         return JSONResponse(ModelList(data=cards).model_dump())
@@ -636,7 +735,7 @@ class Ingress:
         return Response(text, media_type="text/plain; version=0.0.4")
 
     async def _gather_metrics(self) -> bytes:
-        replicas = await self.control.replicas.remote()
+        replicas = [r for r in await self.control.replicas.remote() if r.replica_id != self._replica_id]
         texts = await asyncio.gather(*(self._http.get(r.metrics_url) for r in replicas), return_exceptions=True)
         pages = [(r, resp.text) for r, resp in zip(replicas, texts)
                  if not isinstance(resp, BaseException) and resp.status_code == 200]

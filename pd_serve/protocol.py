@@ -63,7 +63,7 @@ class ReplicaInfo(msgspec.Struct, frozen=True):
     """A replica's registration with the control deployment (heartbeated)."""
 
     replica_id: str
-    tier: Literal["prefill", "decode"]
+    tier: Literal["prefill", "decode", "ingress"]
     metrics_url: str
     engine_id: str
     node_ip: str
