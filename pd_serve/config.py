@@ -349,6 +349,10 @@ class AppConfig(_Strict):
     ingress: IngressSection = Field(default_factory=IngressSection, description="The OpenAI HTTP front.")
     admission: AdmissionSection = Field(default_factory=AdmissionSection,
                                         description="Tenants, API keys, token budgets, priorities (docs/admission.md).")
+    replica_cpu_cores: list[int] | None = Field(
+        None, description="CPU only: cores the replica processes themselves run on (ingress, control, and each "
+        "engine replica's front end once its engine has started), so they stay off the decode engine's core, "
+        "as a bare vLLM server's API process does. None: anywhere.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "AppConfig":

@@ -263,11 +263,14 @@ def _merge(pages: list[tuple[Any, str]], own_replica: str = "") -> bytes:
 class Ingress:
     def __init__(self, cfg: dict[str, Any], decode: Any, control: Any) -> None:
         m.init_series("ingress")
+        from pd_serve.placement import pin_process
+
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
         self.cfg = AppConfig.model_validate(cfg)
+        pin_process(self.cfg.replica_cpu_cores if self.cfg.device == "cpu" else None)
         self.decode = decode.options(stream=True)
         self.control = control
         self.models = {self.cfg.model_name}

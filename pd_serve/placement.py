@@ -109,3 +109,21 @@ def node_slots(cfg: AppConfig, tier: str, gpus_per_node: int) -> float:
     ws = getattr(cfg, tier).world_size
     return gpus_per_node // ws if ws <= gpus_per_node else gpus_per_node / ws
 
+
+def pin_process(cores: list[int] | None) -> None:
+    """Move every thread of this process onto ``cores`` (``replica_cpu_cores``); threads it
+    starts later inherit it. Processes already started (an engine's EngineCore and workers,
+    which bind their own threads) keep theirs. A core this machine lacks is skipped; none
+    left: nothing changes."""
+    if not cores:
+        return
+    import os
+
+    allowed = set(cores) & os.sched_getaffinity(0)
+    if not allowed:
+        return
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), allowed)
+        except OSError:  # a thread that just exited
+            pass

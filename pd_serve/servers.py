@@ -41,6 +41,7 @@ from pd_serve.engine import EngineHost, drain_batches
 from pd_serve.errors import error_body
 from pd_serve.engine import KV_EVENTS_TOPIC
 from pd_serve.phases import InFlight
+from pd_serve.placement import pin_process
 from pd_serve.protocol import (Accepted, DecodeTimeline, Head, JSONReply, PrefillResult, ReplicaInfo,
                                ReplicaStats, RequestKind, RoutingHint, Sink)
 from scheduler import (DeciderParams, KVEventSubscriber, PrefixIndex, count_eligible, decide, load_profiles,
@@ -77,6 +78,7 @@ class _EngineReplica:
         self.replica_id = _replica_tag()
         self.host = EngineHost(self.cfg, self.tier, self.replica_id)
         await self.host.start()
+        pin_process(self.cfg.replica_cpu_cores if self.cfg.device == "cpu" else None)  # after the engine forked
         port = claim_port(self.host.host, _METRICS_BASE_PORT)
         start_http_server(port, addr=self.host.host)
         self.info = ReplicaInfo(

@@ -105,3 +105,30 @@ def test_engines_publish_a_kv_event_replay_socket(tiny_args) -> None:
     ev = p.engine_kwargs["kv_events_config"]
     assert ev["endpoint"] == "tcp://*:26101" and ev["replay_endpoint"] == "tcp://*:26701"
     assert KVEventsConfig(**ev).replay_endpoint == "tcp://*:26701"
+
+
+def test_pin_process_moves_every_thread_and_skips_missing_cores() -> None:
+    import os
+    import threading
+
+    from pd_serve.placement import pin_process
+
+    before = os.sched_getaffinity(0)
+    ready, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=lambda: (ready.set(), done.wait(5)))
+    t.start()
+    ready.wait(5)
+    try:
+        core = min(before)
+        pin_process([core, 10_000])  # a core this machine lacks is ignored
+        assert os.sched_getaffinity(t.native_id) == {core} and os.sched_getaffinity(0) == {core}
+        pin_process([10_000])  # no core left: unchanged
+        assert os.sched_getaffinity(0) == {core}
+    finally:
+        done.set()
+        t.join()
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), before)
+            except OSError:
+                pass
