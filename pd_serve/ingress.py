@@ -138,6 +138,17 @@ class _NoDecode(Exception):
     """No decode replica took the request within ``ingress.no_decode_wait_s`` and none is alive."""
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its answer started."""
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client has disconnected (its body was read already, so the next ASGI
+    message is the disconnect). Cancelled once the answer starts: the response then watches."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class _Resume:
     """What the ingress keeps of a resumable stream (``pd_serve.failover``): the request, its
     prompt ids, the token ids sent so far, and the decode replica streaming it."""
@@ -468,6 +479,7 @@ class Ingress:
         handed_over = False
         key = 0
         ticket = None
+        gone: asyncio.Future | None = None
         try:
             tenant = self._auth(request)
             if isinstance(tenant, Response):
@@ -492,12 +504,17 @@ class Ingress:
             resume = _Resume(kind, req, hint, track == failover.TRACK_KEEP) if track else None
             if track:
                 req.return_token_ids = True  # decode reads the ids and strips them unless asked
+            gone = asyncio.ensure_future(_client_gone(request))
             for attempt in range(self.cfg.ingress.retries + 1):
                 self._inboxes.drop(key)
                 gen, key, inbox = self._call(kind, req, hint, track)
                 try:
-                    head = await self._head(gen, stage, self._no_decode)
+                    head = await self._head(gen, stage, self._no_decode, gone)
                     break
+                except _ClientGone:
+                    gen.cancel()  # aborts decode and its remote prefill
+                    m.CLIENT_ABORTS.labels("before_first_byte").inc()
+                    return Response(status_code=499)  # nobody reads it
                 except _NoDecode:
                     gen.cancel()
                     wait = self.cfg.ingress.no_decode_wait_s
@@ -539,6 +556,8 @@ class Ingress:
             return StreamingResponse(self._stream(first, gen, key, inbox, timing, stage, resume, ticket, usage),
                                      media_type="text/event-stream", headers=ticket.headers())
         finally:
+            if gone is not None:
+                gone.cancel()
             if not handed_over:
                 stage.close()
                 self._inboxes.drop(key)
@@ -552,26 +571,34 @@ class Ingress:
         return waited >= self.cfg.ingress.no_decode_wait_s and self._replicas.get("decode", 0) == 0
 
     @staticmethod
-    async def _head(gen: Any, stage: InFlight, give_up: Any = None) -> Head:
+    async def _head(gen: Any, stage: InFlight, give_up: Any = None, gone: "asyncio.Future | None" = None) -> Head:
         """Decode's ``Head``, moving the request to stage ``in_decode`` once decode has it.
         ``give_up(waited_s)`` is asked every 0.5 s until decode has taken the request; True
-        raises ``_NoDecode``."""
-        if give_up is None:
-            item = await gen.__anext__()
-        else:
+        raises ``_NoDecode``. ``gone`` (``_client_gone``) ending first raises ``_ClientGone``:
+        a client that leaves while its prompt is prefilled is noticed at once, not at the
+        first byte."""
+        t0 = time.monotonic()
+
+        async def step(check: Any) -> Any:
             nxt = asyncio.ensure_future(gen.__anext__())
-            t0 = time.monotonic()
+            waits = (nxt,) if gone is None else (nxt, gone)
             try:
-                while not (await asyncio.wait((nxt,), timeout=0.5))[0]:
-                    if give_up(time.monotonic() - t0):
+                while True:
+                    done, _ = await asyncio.wait(waits, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                    if nxt in done:
+                        return nxt.result()
+                    if gone is not None and gone in done:
+                        raise _ClientGone()
+                    if check is not None and check(time.monotonic() - t0):
                         raise _NoDecode()
             finally:
                 if not nxt.done():
                     nxt.cancel()
-            item = nxt.result()
+
+        item = await step(give_up)
         if isinstance(item, Accepted):
             stage.move("in_decode")
-            item = await gen.__anext__()
+            item = await step(None)
         if not isinstance(item, Head):
             raise TypeError(f"decode answered {type(item).__name__}, not Head")
         return item

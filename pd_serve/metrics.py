@@ -155,6 +155,7 @@ def init_series(role: str) -> None:
             REQUESTS_IN_FLIGHT.labels(st)
         for outcome in ("resumed", "failed"):
             STREAM_FAILOVERS.labels(outcome)
+        CLIENT_ABORTS.labels("before_first_byte")
         _routing_series("decode")
     elif role == "decode":
         from scheduler.decider import DeciderReason
