@@ -32,9 +32,9 @@ GRACEFUL_SHUTDOWN_S = {"cpu": 5, "gpu": 60}
 #   /health p99 of ~200 ms at 64 streams);
 # - run the handle's router on the replica's own event loop, and user code on it too, instead
 #   of handing each call between threads;
-# - calls between replicas over Serve's gRPC transport instead of Ray actor calls (orchestration
-#   CPU per 1k tokens at one stream 2.62 -> 1.81; benchmarks/README.md). Every replica of the app,
-#   control included, gets it: a caller and its callee must agree.
+# - calls between replicas over Serve's gRPC transport instead of Ray actor calls (one run with
+#   pinned replicas: orchestration CPU per 1k tokens at one stream 2.62 -> 1.81; unpinned, within
+#   noise; benchmarks/README.md). Every replica of the app, control included, gets it.
 SERVE_REPLICA_ENV = {
     "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
