@@ -49,6 +49,10 @@ def _body(max_tokens: int, stream: bool = False) -> dict:
             "ignore_eos": True, "stream": stream}
 
 
+def bound_print(elapsed: float) -> float:
+    return (BUDGET["shared"] * 1.2 + BUDGET["shared"] / 60 * elapsed + 100) / 150
+
+
 @pytest.fixture
 def url(apps) -> str:
     return apps.get("admission", admission_args())
@@ -102,6 +106,7 @@ def test_a_concurrent_burst_is_admitted_for_at_most_the_budget_plus_one_request(
     used = sum(r.json()["usage"]["total_tokens"] for r in ok)
     assert all(r.json()["usage"]["total_tokens"] == 150 for r in ok)
     refill = BUDGET["alpha"] / 60 * elapsed
+    print(f"burst: {len(ok)} of 20 admitted, {used} tokens used, budget 1000, refill {refill:.0f}, {elapsed:.2f} s")
     assert 1 <= len(ok) and used <= BUDGET["alpha"] + refill + 100, (len(ok), used, elapsed)
     assert limited, "a burst of 3x the budget must be limited"
     for r in limited:
@@ -129,6 +134,7 @@ def test_two_ingress_replicas_draw_on_one_budget(url) -> None:
         admitted += r.status_code == 200
     elapsed = time.monotonic() - t0
     held = ray.get(ray.get_actor(LEDGER_NAME).snapshot.remote())["shared"]["held"]
+    print(f"two ingress replicas: {admitted} of 24 admitted, bound {bound_print(elapsed):.1f}, leases {held}")
     assert len(held) == 2, f"both ingress replicas hold a lease of the tenant's one budget: {held}"
     # bound: budget + refill + the leases' overshoot bound (2 x 0.1 x budget) + one request
     bound = (BUDGET["shared"] * (1 + 2 * 0.1) + BUDGET["shared"] / 60 * elapsed + 100) / 150
@@ -161,6 +167,8 @@ def test_an_aborted_stream_is_charged_what_it_used(url) -> None:
                 - base.sum("pd_serve_admission_tokens_refunded_total", tenant="settle"))
     used = (after.sum("pd_serve_admission_tokens_used_total", tenant="settle")
             - base.sum("pd_serve_admission_tokens_used_total", tenant="settle"))
+    print(f"aborted stream: used {used}, refunded {refunded}, remaining {reserved_left} after reserving, "
+          f"{r.headers['x-ratelimit-remaining-tokens']} at the next answer")
     assert 850 <= refunded <= 895 and 55 <= used <= 100 and refunded + used == 950, (refunded, used)
     # without the refund the bucket would hold what it held after the first reservation, less the
     # second (51), plus a few seconds of refill (~67 tokens/s); with it, about 850 more
@@ -206,6 +214,7 @@ def test_interactive_ttft_stays_low_while_batch_saturates_the_slots(url) -> None
 
     inter, batch = asyncio.run(main())
     p90 = lambda xs: statistics.quantiles(xs, n=10)[-1]  # noqa: E731
+    print(f"TTFT p90: interactive {p90(inter):.3f} s, batch {p90(batch):.3f} s ({len(inter)} / {len(batch)} requests)")
     assert len(batch) >= 10, batch
     assert p90(inter) <= 0.5 * p90(batch), (sorted(inter), sorted(batch))
     wait_idle(url)

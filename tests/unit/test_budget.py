@@ -297,7 +297,10 @@ def test_ray_actor_ledger_enforces_one_budget_for_two_clients() -> None:
     ray = pytest.importorskip("ray")
     from pd_serve.budget import ledger_actor
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # In `make test` an integration app's local Ray may be up in this process: use it then.
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         actor = ledger_actor("pd_serve_budget_test", detached=False)
 
@@ -336,4 +339,7 @@ def test_ray_actor_ledger_enforces_one_budget_for_two_clients() -> None:
         snap = ray.get(actor.snapshot.remote())["team"]
         assert sum(snap["held"].values()) == 0          # close() handed every lease back
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
+        else:
+            ray.kill(actor)
