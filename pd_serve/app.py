@@ -32,9 +32,10 @@ GRACEFUL_SHUTDOWN_S = {"cpu": 5, "gpu": 60}
 #   /health p99 of ~200 ms at 64 streams);
 # - run the handle's router on the replica's own event loop, and user code on it too, instead
 #   of handing each call between threads;
-# - calls between replicas over Serve's gRPC transport instead of Ray actor calls (one run with
-#   pinned replicas: orchestration CPU per 1k tokens at one stream 2.62 -> 1.81; unpinned, within
-#   noise; benchmarks/README.md). Every replica of the app, control included, gets it.
+# - calls between replicas over Serve's gRPC transport instead of Ray actor calls: every replica
+#   (control included) serves it; the ingress's and decode's handles ask for it themselves, since a
+#   handle built in the driver carries the driver's default (orchestration CPU per 1k tokens at
+#   one stream 2.98 -> 2.07, at 64 streams 0.42 -> 0.35; benchmarks/README.md).
 SERVE_REPLICA_ENV = {
     "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",

@@ -282,7 +282,9 @@ class Ingress:
 
         self.cfg = AppConfig.model_validate(cfg)
         pin_process(self.cfg.replica_cpu_cores if self.cfg.device == "cpu" else None)
-        self.decode = decode.options(stream=True)
+        # Serve's gRPC transport (SERVE_REPLICA_ENV turns it on in every replica); a handle built
+        # in the driver carries the driver's default, so ask for it here
+        self.decode = decode.options(stream=True, _by_reference=False)
         self.control = control
         self.models = {self.cfg.model_name}
         self.request_models = {"completion": CompletionRequest, "chat": ChatCompletionRequest}

@@ -238,7 +238,8 @@ class DecodeServer(_EngineReplica):
     async def __init__(self, cfg: dict[str, Any], control: Any, prefill: Any | None) -> None:
         m.init_series("decode")
         m.init_wake_series()
-        self._prefill = prefill
+        # Serve's gRPC transport, as in the ingress (a handle built in the driver carries its default)
+        self._prefill = prefill.options(_by_reference=False) if prefill is not None else None
         self._waker = PrefillWaker(prefill) if prefill is not None else None
         self._prefill_state: list[ReplicaInfo] = []
         self._outboxes: dict[str, ch.Outbox] = {}  # by ingress channel (pd_serve.channel)
