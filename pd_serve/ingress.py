@@ -145,8 +145,12 @@ class _ClientGone(Exception):
 async def _client_gone(request: Request) -> None:
     """Returns when the client has disconnected (its body was read already, so the next ASGI
     message is the disconnect). Cancelled once the answer starts: the response then watches."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the server cannot tell: never report the client gone
+        logger.debug("cannot watch for the client's disconnect", exc_info=True)
+        await asyncio.Event().wait()
 
 
 class _Resume:

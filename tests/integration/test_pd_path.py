@@ -106,3 +106,21 @@ def test_engines_idle_after_all_requests(pd_url: str) -> None:
     assert s.values("vllm:num_requests_running", tier="decode") == [0.0]
     assert s.values("vllm:num_requests_running", tier="prefill") == [0.0]
     assert s.values("vllm:kv_cache_usage_perc", tier="prefill") == [0.0]
+
+
+@pytest.mark.own_app("serve-proxy")
+def test_serve_proxy_listener_gives_the_same_tokens(apps, reference) -> None:
+    """`ingress.listener: serve_proxy` (KubeRay's path: Ray Serve's proxy in front of the
+    ingress) serves the same token ids, whole and streamed, with KV received by transfer."""
+    from tests.support.servers import load_app_args
+
+    url = apps.get("serve-proxy", load_app_args(ingress={"listener": "serve_proxy"}))
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for case in [c for c in cases.ALL if c.api == "completions"][:2] + [c for c in cases.ALL if c.stream]:
+            before = Scrape.get(url)
+            out = cases.run(client, case)
+            after = wait_idle(url)
+            assert out.token_ids == reference[case.name].token_ids, case.name
+            got = (after.sum(SOURCE, source="external_kv_transfer", tier="decode")
+                   - before.sum(SOURCE, source="external_kv_transfer", tier="decode"))
+            assert got == out.prompt_tokens, (case.name, got)
