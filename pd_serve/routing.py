@@ -85,12 +85,15 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         routing_metrics.track(self)
         self._pending: dict[str, tuple[RequestContext, Any]] = {}  # chosen, not yet routed
         self._inflight: dict[str, str] = {}  # routed, not yet completed -> worker
+        self._reports: dict[str, dict] = {}  # the routing-stats report last applied, per replica
 
     # -- membership and stats -------------------------------------------------------------
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         ids = {r.replica_id.unique_id for r in replicas}
         self.sched.registry.sync(ids)
+        for rid in set(self._reports) - ids:
+            del self._reports[rid]
         for rid in set(self._subs) - ids:
             sub = self._subs.pop(rid)
             sub.stop()
@@ -98,12 +101,14 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
 
     def _refresh(self, replicas: list[RunningReplica]) -> None:
         for r in replicas:
-            stats = ReplicaStats.from_dict(r.routing_stats)
             rid = r.replica_id.unique_id
             if rid not in self.sched.registry:
                 self.sched.registry.add(rid)
-            if stats is None:
-                continue
+            raw = r.routing_stats
+            if not raw or self._reports.get(rid) is raw:
+                continue  # nothing new since the last decision: keep the router's own estimate
+            self._reports[rid] = raw  # Serve replaces the dict on every poll: apply each report once
+            stats = ReplicaStats.from_dict(raw)
             # prefill_tps / queued_prefill_tokens: optional; without them the router's own
             # backlog estimate and the peers' (or assumed) rate stand in (docs/scheduler.md)
             self.sched.registry.update(

@@ -91,3 +91,23 @@ async def test_routers_avoid_excluded_replicas_but_never_answer_nothing(router_c
     for ids in ([1, 2], []):
         ranked = await router.choose_replicas(replicas[:1], _pending(RoutingHint("r2", ids, exclude=["a"])))
         assert [[r.replica_id.unique_id for r in tier] for tier in ranked] == [["a"]]
+
+
+def test_router_applies_each_stats_report_once() -> None:
+    """A replica's routing-stats report (its queued prefill tokens) replaces the router's
+    backlog estimate when it arrives, not at every decision: work the router routed since then
+    must stay in the estimate until the next report."""
+    router = object.__new__(PrefixAwareRouter)
+    router.initialize_state(tier="prefill", block_size=4)
+    rep = _replica("a")
+    rep.routing_stats = {"kv_usage": 0.1, "queued_prefill_tokens": 100.0}
+    router._refresh([rep])
+    reg = router.sched.registry
+    i = reg._view.row["a"]
+    assert reg._view.prefill_queued_tokens[i] == 100.0
+    reg._view.prefill_queued_tokens[i] = 900.0  # the router's own estimate grows as it routes
+    router._refresh([rep])                      # same report again: the estimate is kept
+    assert reg._view.prefill_queued_tokens[i] == 900.0
+    rep.routing_stats = {"kv_usage": 0.1, "queued_prefill_tokens": 50.0}  # Serve delivers a new one
+    router._refresh([rep])
+    assert reg._view.prefill_queued_tokens[i] == 50.0
