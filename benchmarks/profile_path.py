@@ -784,25 +784,6 @@ def checkout_changes() -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
-def run_in_own_session(argv: list[str]) -> int:
-    """As ``serving_bench``: re-run as the leader of a new session whose scheduler autogroup gets
-    the client's priority, so that the load generator is not starved; signals are passed on."""
-    from benchmarks.serving_bench import boost_autogroup
-
-    env = {**os.environ, "PD_SERVE_BENCH_SESSION": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.profile_path", *argv], cwd=ROOT, env=env,
-                            start_new_session=True)
-    boost_autogroup(proc.pid)
-
-    def forward(_sig: int, _frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
-    return proc.wait()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -852,7 +833,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.report:
         return rerender(a.report)
     if os.environ.get("PD_SERVE_BENCH_SESSION") != "1":
-        return run_in_own_session(sys.argv[1:] if argv is None else argv)
+        from benchmarks.serving_bench import run_in_own_session
+
+        return run_in_own_session(sys.argv[1:] if argv is None else argv, module="benchmarks.profile_path")
     from tqdm import tqdm
 
     from benchmarks.serving_bench import (

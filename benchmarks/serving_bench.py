@@ -720,15 +720,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
 # Main
 
 
-def run_in_own_session(argv: list[str]) -> int:
-    """Re-run this benchmark as the leader of a new session and boost that session's autogroup.
+def run_in_own_session(argv: list[str], module: str = "benchmarks.serving_bench") -> int:
+    """Re-run this benchmark (or ``module``) as the leader of a new session and boost that
+    session's autogroup.
 
     Everything client-side (warm-up, scrapes, probes, the load generators it starts) then shares
     the boosted autogroup; servers get sessions of their own at the default priority. SIGINT and
     SIGTERM are passed on, and the child stops its servers before it exits.
     """
     env = {**os.environ, "PD_SERVE_BENCH_SESSION": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serving_bench", *argv], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=ROOT,
                             env=env, start_new_session=True)
     boost_autogroup(proc.pid)  # before it starts anything; the child repeats it for itself
 
