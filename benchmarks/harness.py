@@ -115,11 +115,18 @@ def rel(path: str | Path) -> str:
     return os.path.relpath(p, ROOT) if p.is_absolute() and p.is_relative_to(ROOT.parent) else str(p)
 
 
+# Where this clone's .venv really lives: a clone whose .venv is a link to another clone's
+# (a worktree) shows that path in process command lines.
+_VENV_HOME = str((ROOT / ".venv").resolve().parent)
+
+
 def scrub(obj: Any) -> Any:
-    """A copy of ``obj`` with the clone's absolute path replaced by ``.``, and the home
-    directory (model caches live under it) by ``~``, in every string."""
+    """A copy of ``obj`` with the clone's absolute path (and that of the clone its .venv
+    lives in) replaced by ``.``, and the home directory (model caches live under it) by ``~``,
+    in every string."""
     if isinstance(obj, str):
-        return obj.replace(str(ROOT), ".").replace(str(Path.home()) + "/", "~/")
+        return (obj.replace(str(ROOT), ".").replace(_VENV_HOME, ".")
+                .replace(str(Path.home()) + "/", "~/"))
     if isinstance(obj, dict):
         return {scrub(k): scrub(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
