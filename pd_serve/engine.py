@@ -51,6 +51,58 @@ KV_EVENTS_TOPIC = "kv-events"
 _STATS_TTL_S = 0.25
 
 
+class PrefillRate:
+    """An engine's measured prefill rate: prompt tokens it computed per second of busy time.
+
+    The routers' cost model (``scheduler.plugins.prefill_cost``) turns queued prefill tokens
+    into a wait with this rate, so it must be the rate at which a queue drains: tokens computed
+    (vLLM's ``prompt_tokens`` minus its ``prefix_cache_hits``) over the wall time during which
+    at least one request was in the engine (``enter``/``exit``). A per-request rate would be
+    wrong under batching: two prompts prefilled in one step each take the whole step.
+
+    ``update`` is called with the engine's counters at each stats read; once a window holds at
+    least ``min_tokens`` computed tokens and ``min_busy_s`` of busy time it is folded into an
+    exponential average. ``tps`` is None until the first window closes (routers then assume
+    ``scheduler.state.DEFAULT_ASSUMED_PREFILL_TPS``)."""
+
+    def __init__(self, clock: Any = time.monotonic, min_tokens: int = 1024, min_busy_s: float = 0.05,
+                 alpha: float = 0.3) -> None:
+        self._clock = clock
+        self.min_tokens, self.min_busy_s, self.alpha = min_tokens, min_busy_s, alpha
+        self._inflight = 0
+        self._busy_s = 0.0          # closed busy intervals
+        self._busy_since = 0.0      # start of the open one, while _inflight > 0
+        self._win_tokens: float | None = None  # computed-token counter at the window's start
+        self._win_busy = 0.0
+        self.tps: float | None = None
+
+    def enter(self) -> None:
+        if self._inflight == 0:
+            self._busy_since = self._clock()
+        self._inflight += 1
+
+    def exit(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._busy_s += self._clock() - self._busy_since
+
+    def busy_s(self) -> float:
+        return self._busy_s + (self._clock() - self._busy_since if self._inflight > 0 else 0.0)
+
+    def update(self, computed_tokens: float) -> float | None:
+        """Feed the engine's running total of computed prompt tokens; returns ``tps``."""
+        busy = self.busy_s()
+        if self._win_tokens is None or computed_tokens < self._win_tokens:  # first read, or a reset
+            self._win_tokens, self._win_busy = computed_tokens, busy
+            return self.tps
+        tokens, dt = computed_tokens - self._win_tokens, busy - self._win_busy
+        if tokens >= self.min_tokens and dt >= self.min_busy_s:
+            rate = tokens / dt
+            self.tps = rate if self.tps is None else (1 - self.alpha) * self.tps + self.alpha * rate
+            self._win_tokens, self._win_busy = computed_tokens, busy
+        return self.tps
+
+
 def plan_engine(cfg: AppConfig, tier: Tier, *, replica_tag: str, host: str,
                 side_channel_port: int | None, core: int | None,
                 kv_events_port: int | None = None, kv_replay_port: int | None = None) -> EnginePlan:
@@ -132,6 +184,9 @@ class EngineHost:
         self.vllm_config: Any = None
         self._stats = ReplicaStats()
         self._stats_at = float("-inf")
+        # Measured only where each call is one whole prefill (the prefill tier's non-streamed
+        # max_tokens=1 requests); a decode call stays open while it streams.
+        self.prefill_rate = PrefillRate() if tier == "prefill" else None
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -182,8 +237,9 @@ class EngineHost:
         from prometheus_client import REGISTRY
 
         want = {"vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_requests_running": "num_running",
-                "vllm:num_requests_waiting": "num_waiting"}
-        out = {"kv_usage": 0.0, "num_running": 0, "num_waiting": 0}
+                "vllm:num_requests_waiting": "num_waiting", "vllm:prompt_tokens_total": "prompt",
+                "vllm:prefix_cache_hits_total": "hits"}
+        out = {"kv_usage": 0.0, "num_running": 0, "num_waiting": 0, "prompt": 0.0, "hits": 0.0}
         for fam in REGISTRY.collect():
             for sample in fam.samples:
                 key = want.get(sample.name)
@@ -193,7 +249,8 @@ class EngineHost:
             kv_usage=out["kv_usage"], num_running=int(out["num_running"]), num_waiting=int(out["num_waiting"]),
             capacity_blocks=int(self.vllm_config.cache_config.num_gpu_blocks or 0), block_size=self.block_size,
             kv_events_endpoint=self.kv_events_endpoint, kv_events_replay_endpoint=self.kv_events_replay_endpoint,
-            kv_events_topic=KV_EVENTS_TOPIC if self.kv_events_port is not None else "")
+            kv_events_topic=KV_EVENTS_TOPIC if self.kv_events_port is not None else "",
+            prefill_tps=self.prefill_rate.update(out["prompt"] - out["hits"]) if self.prefill_rate else None)
         self._stats_at = now
         return self._stats
 
@@ -214,12 +271,17 @@ class EngineHost:
         from vllm.exceptions import VLLMError
 
         serving = self.serving_for(kind)
+        if self.prefill_rate is not None:
+            self.prefill_rate.enter()
         try:
             if kind == "chat":
                 return await serving.create_chat_completion(request, raw_request=None)
             return await serving.create_completion(request, raw_request=None)
         except (ValueError, VLLMError) as e:  # bad input (4xx) or a failed generation (5xx)
             return serving.create_error_response(e)
+        finally:
+            if self.prefill_rate is not None:
+                self.prefill_rate.exit()
 
     async def check_health(self) -> None:
         await self.engine.check_health()
