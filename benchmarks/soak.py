@@ -223,12 +223,26 @@ def _title(p: psutil.Process) -> str:
     return p.name()
 
 
+def rss_parts(pid: int) -> list[int] | None:
+    """[RssAnon, RssFile, RssShmem] in bytes from /proc/PID/status (Linux), or None.
+
+    Says what grew: the heap (anon), mapped files (file) or shared memory such as a transfer
+    buffer in /dev/shm (shmem)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if line.startswith("Rss"))
+        return [int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile", "RssShmem")]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 class ProcessTree:
     """The processes below ``root_pid``, named once when first seen, with their RSS per sample."""
 
     def __init__(self, root_pid: int) -> None:
         self.root_pid = root_pid
         self.procs: dict[int, dict[str, Any]] = {}  # pid -> {label, title, first_t, last_t}
+        self.parts: dict[int, list[int] | None] = {}  # pid -> [anon, file, shmem] bytes, last sample
 
     def _label(self, p: psutil.Process, title: str, titles: dict[int, str]) -> str:
         if p.pid == self.root_pid:
@@ -242,8 +256,9 @@ class ProcessTree:
         return title
 
     def sample(self, t: float) -> dict[int, int]:
-        """RSS in bytes of every live process in the tree, by pid."""
+        """RSS in bytes of every live process in the tree, by pid; its parts go to ``self.parts``."""
         rss: dict[int, int] = {}
+        self.parts = {}
         titles: dict[int, str] = {}
         try:
             tree = [psutil.Process(self.root_pid), *psutil.Process(self.root_pid).children(recursive=True)]
@@ -256,6 +271,7 @@ class ProcessTree:
                 title = _title(p)
                 titles[p.pid] = title
                 rss[p.pid] = p.memory_info().rss
+                self.parts[p.pid] = rss_parts(p.pid)
                 info = self.procs.get(p.pid)
                 if info is None or info["title"] != title:  # new, or a Ray worker that became an actor
                     self.procs[p.pid] = info = {"label": self._label(p, title, titles), "title": title,
@@ -375,7 +391,8 @@ class Soak:
              "requests_total": self.totals["requests"], "errors_total": self.totals["errors"],
              "ttft_p50_s": _p(ttfts, 0.5), "ttft_max_s": _p(ttfts, 1.0),
              "e2e_p50_s": _p(e2es, 0.5), "e2e_max_s": _p(e2es, 1.0),
-             "gauges": g, "rss_bytes": {str(pid): v for pid, v in rss.items()}}
+             "gauges": g, "rss_bytes": {str(pid): v for pid, v in rss.items()},
+             "rss_parts": {str(pid): v for pid, v in self.tree.parts.items() if v is not None}}
         self.report["samples"].append(s)
         self.log(progress_line(s, self.tree))
         return s, now
@@ -466,6 +483,9 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
                                "rss_last_mib": _mib(r1), "in_verdict": name != SELF_LABEL}
         series = [s["rss_bytes"][pid] for s in after if pid in s["rss_bytes"]]
         row["rss_max_mib"] = _mib(max(series)) if series else None
+        p0, p1 = first.get("rss_parts", {}).get(pid), last.get("rss_parts", {}).get(pid)
+        if p0 and p1:  # which part grew: anon (heap), file, shmem
+            row["growth_mib"] = {k: _mib(b - a) for k, a, b in zip(("anon", "file", "shmem"), p0, p1)}
         if r0 is not None and r1 is not None:
             row["growth_pct"] = round(100 * (r1 - r0) / r0, 2)
             row["flag"] = row["growth_pct"] > cfg["max_growth_pct"]
@@ -510,7 +530,9 @@ def table(report: dict[str, Any]) -> str:
             g = f"{r['growth_pct']:+.1f}%" if "growth_pct" in r else r.get("note", "")
             mark = " FLAG" if r["flag"] and r["in_verdict"] else (" (not judged)" if not r["in_verdict"] else "")
             lines.append(f"  {r['process'][:58]:<58} {r['pid']:>7} {r['rss_first_mib'] or '-':>10} "
-                         f"{r['rss_last_mib'] or '-':>9} {r['rss_max_mib'] or '-':>8} {g:>8}{mark}")
+                         f"{r['rss_last_mib'] or '-':>9} {r['rss_max_mib'] or '-':>8} {g:>8}{mark}"
+                         + (" (MiB anon {anon:+}, file {file:+}, shmem {shmem:+})".format(**r["growth_mib"])
+                            if r.get("flag") and r.get("growth_mib") else ""))
     for reason in report.get("failures", []):
         lines.append("FAIL: " + reason)
     return "\n".join(lines)
