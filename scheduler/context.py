@@ -59,9 +59,19 @@ class CycleContext:
             (filled by the scheduler from the prefix index before filters run).
         arrival_rate: requests per second the tier receives from this router (measured,
             `scheduler.state.WorkerRegistry.arrival_rate`); 0 when unknown.
+        running_s: how long a request runs (holds KV) on average, measured over the same window
+            for the running count and the completions (`WorkerRegistry.mean_running_s`); 0 when
+            unknown.
+        cached_blocks: per view row, the blocks the worker's KV cache holds per the prefix index
+            (confirmed by events), or ``None`` without an index.
+        reuse_p: the probability that a block evicted from one of the tier's caches is computed
+            again later (`scheduler.index.PrefixIndex.reuse_probability`); 0 when unknown.
     """
 
     request: RequestContext
     now: float
     matched_blocks: np.ndarray
     arrival_rate: float = 0.0
+    running_s: float = 0.0
+    cached_blocks: np.ndarray | None = None
+    reuse_p: float = 0.0

@@ -184,7 +184,11 @@ class Scheduler:
             raise NoEligibleWorker(self.tier, ctx.request_id, "membership", 0)
         keep = self._candidates(ctx, view)
         now = self._clock()
-        cycle = CycleContext(ctx, now, self._match(ctx, view), self.registry.arrival_rate(now))
+        reg = self.registry
+        cycle = CycleContext(ctx, now, self._match(ctx, view), reg.arrival_rate(now), reg.mean_running_s(now))
+        if self.index is not None:
+            cycle.cached_blocks = self.index.held_blocks(self._row_bits(view, self.index))
+            cycle.reuse_p = self.index.reuse_probability()
         for f in self.profile.filters:
             t0 = time.perf_counter() if hook else 0.0
             keep = f.filter(cycle, view, keep)
@@ -301,6 +305,15 @@ class Scheduler:
         keep[rows] = True
         return keep
 
+    def _row_bits(self, view: WorkerView, index: PrefixIndex) -> np.ndarray:
+        """Each view row's bit in ``index`` (-1 when the index does not know the worker); cached
+        until the membership of either changes."""
+        key = (view.version, index.membership_version)
+        if key != self._bits_key:
+            self._bits_of_rows = np.array([-1 if (b := index.bit_of(w)) is None else b for w in view.ids], dtype=np.intp)
+            self._bits_key = key
+        return self._bits_of_rows
+
     def _match(self, ctx: RequestContext, view: WorkerView) -> np.ndarray:
         index = self.index
         n = len(view)
@@ -315,12 +328,7 @@ class Scheduler:
         t0 = time.perf_counter() if hook else 0.0
         groups = index.match_groups(ctx.block_keys)
         if groups:
-            key = (view.version, index.membership_version)
-            if key != self._bits_key:
-                self._bits_of_rows = np.array(
-                    [-1 if (b := index.bit_of(w)) is None else b for w in view.ids], dtype=np.intp
-                )
-                self._bits_key = key
+            self._row_bits(view, index)
             nbytes = (index.num_bits + 7) // 8
             by_bit = np.zeros(nbytes * 8 + 1, dtype=np.int64)  # last entry: rows unknown to the index
             for mask, blocks in groups:

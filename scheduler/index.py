@@ -32,14 +32,17 @@ apply events while the router matches. Methods never call back into user code.
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, compress, filterfalse, groupby, repeat, takewhile
+from itertools import accumulate, compress, filterfalse, groupby, islice, repeat, takewhile
 from operator import add, and_, eq, is_, not_, or_, sub
 from typing import cast
+
+import numpy as np
 
 from scheduler.hashing import block_keys, lora_seed
 
@@ -70,6 +73,11 @@ class IndexStats:
     speculative_evicted: int = 0
     """Speculative keys dropped by the per-worker LRU capacity."""
     speculative_expired: int = 0
+    evicted_blocks: int = 0
+    """Keys a worker stopped holding because of a ``BlockRemoved`` (evictions)."""
+    refetched_blocks: int = 0
+    """Keys stored again (or routed again) after the tier's last copy of them was evicted, while
+    the eviction history (one tier's worth of keys) still remembered them."""
 
 
 class _Worker:
@@ -128,6 +136,14 @@ class PrefixIndex:
         self._by_bit: list[str | None] = []
         self._free_bits: list[int] = []
         self._wake: list[tuple[float, str]] = []  # heap of (time, worker) expiry checks
+        # Confirmed keys per bit (the blocks each worker's cache holds), and a trailing 0 for
+        # "no bit": `held_blocks` indexes it with -1 for rows unknown to the index.
+        self._held = np.zeros(1, dtype=np.float64)
+        # Eviction history: keys whose tier-wide last copy was evicted (FIFO, at most as many as
+        # the tier holds), and decayed counts of evictions and of keys computed again from it.
+        self._ghost: dict[int, None] = {}
+        self._evicted_avg = 0.0
+        self._refetched_avg = 0.0
         self._stamp = 0
         self._expiry_slack_s = expiry_slack_s
 
@@ -244,8 +260,12 @@ class PrefixIndex:
                 emed[h] = medium
                 n = w.kcount.get(key, 0)
                 w.kcount[key] = n + 1
+                if n == 0:
+                    self._held[w.bit] += 1
                 if n == 0 and w.spec.pop(key, None) is None:
                     cur = owners.get(key)
+                    if cur is None and key in self._ghost:
+                        self._refetched([key])
                     owners[key] = mask if cur is None else cur | mask  # share the 1-bit int
             self.stats.stored_blocks += len(keys)
             return len(keys)
@@ -297,8 +317,11 @@ class PrefixIndex:
                     w.kcount[key] = n
                     continue
                 del w.kcount[key]
-                self._clear_bit(key, w.mask)  # confirmed and speculative keys are disjoint
+                self._held[w.bit] -= 1
+                if self._clear_bit(key, w.mask):  # confirmed and speculative keys are disjoint
+                    self._forget([key])
                 dropped += 1
+            self._evicted(dropped)
             return dropped
 
     def apply_cleared(self, worker: str) -> None:
@@ -406,6 +429,10 @@ class PrefixIndex:
             else:
                 bit = len(self._by_bit)
                 self._by_bit.append(worker)
+                if len(self._held) <= len(self._by_bit):  # keep the trailing 0 past every bit
+                    grown = np.zeros(2 * len(self._by_bit) + 1, dtype=np.float64)
+                    grown[: len(self._held) - 1] = self._held[:-1]
+                    self._held = grown
             w = _Worker(bit)
             w.capacity = self._default_capacity
             self._workers[worker] = w
@@ -422,6 +449,7 @@ class PrefixIndex:
         newly = list(compress(keys, map(not_, counts)))  # keys this worker did not hold
         if not newly:
             return
+        self._held[w.bit] += len(newly)
         was_spec = map(w.spec.pop, newly, repeat(None))  # confirmed now: no longer speculative
         need = list(compress(newly, map(is_, was_spec, repeat(None))))
         if need:
@@ -440,30 +468,77 @@ class PrefixIndex:
         kcount.update(zip(compress(keys, counts), filter(None, counts)))
         gone = list(compress(keys, map(not_, counts)))
         deque(map(kcount.pop, gone, repeat(None)), maxlen=0)
-        self._clear_bits(gone, w.mask)
+        self._held[w.bit] -= len(gone)
+        self._forget(self._clear_bits(gone, w.mask))
+        self._evicted(len(gone))
         self.stats.removed_blocks += len(hashes)
         return len(gone)
 
     def _set_bits(self, keys: list[int], mask: int) -> None:
         owners = self._owners
+        if self._ghost:
+            self._refetched(list(filter(self._ghost.__contains__, keys)))  # never in owners
         shared = list(filter(owners.__contains__, keys))
         merged = list(map(or_, map(owners.__getitem__, shared), repeat(mask)))
         owners.update(zip(keys, repeat(mask)))  # one shared int for singly-held keys
         owners.update(zip(shared, merged))
 
-    def _clear_bit(self, key: int, mask: int) -> None:
+    def _clear_bit(self, key: int, mask: int) -> bool:
+        """Drop ``mask`` from ``key``'s owners; ``True`` when no worker holds ``key`` any more."""
         rest = self._owners.get(key, 0) & ~mask
         if rest:
             self._owners[key] = rest
-        else:
-            self._owners.pop(key, None)
+            return False
+        return self._owners.pop(key, None) is not None
 
-    def _clear_bits(self, keys: list[int], mask: int) -> None:
-        """`_clear_bit` for many keys, in C-level passes."""
+    def _clear_bits(self, keys: list[int], mask: int) -> list[int]:
+        """`_clear_bit` for many keys, in C-level passes; returns the keys no worker holds now."""
         owners = self._owners
         rest = list(map(and_, map(owners.get, keys, repeat(0)), repeat(~mask)))
         owners.update(zip(compress(keys, rest), filter(None, rest)))
-        deque(map(owners.pop, compress(keys, map(not_, rest)), repeat(None)), maxlen=0)
+        gone = list(compress(keys, map(not_, rest)))
+        deque(map(owners.pop, gone, repeat(None)), maxlen=0)
+        return gone
+
+    # ------------------------------------------------------------------ eviction history
+
+    def _forget(self, keys: list[int]) -> None:
+        """The tier's last copy of ``keys`` was evicted: remember them (FIFO, bounded by the
+        number of keys the tier holds, as ARC's ghost lists are by the cache's size)."""
+        ghost = self._ghost
+        ghost.update(zip(keys, repeat(None)))
+        excess = len(ghost) - max(len(self._owners), 1)
+        if excess > 0:
+            deque(map(ghost.pop, list(islice(ghost, excess))), maxlen=0)
+
+    def _evicted(self, n: int) -> None:
+        """``n`` keys were evicted from a worker: count them, decaying the counts once per key
+        the tier holds, so that the ratio covers the last cache's worth of evictions."""
+        if n <= 0:
+            return
+        self.stats.evicted_blocks += n
+        decay = math.exp(-n / max(len(self._owners), 1))
+        self._evicted_avg = self._evicted_avg * decay + n
+        self._refetched_avg *= decay
+
+    def _refetched(self, keys: list[int]) -> None:
+        if keys:
+            deque(map(self._ghost.pop, keys), maxlen=0)
+            self.stats.refetched_blocks += len(keys)
+            self._refetched_avg += len(keys)
+
+    def reuse_probability(self) -> float:
+        """The probability that an evicted block is needed again: of the keys evicted from the
+        tier's workers over about the last cache's worth of evictions, the fraction computed
+        again (or routed again) after the tier lost its last copy. 0 before any eviction.
+        Measured, not configured: it is high when the tier's caches are smaller than the
+        working set, and about 0 when evicted blocks are dead (unique suffixes)."""
+        ev = self._evicted_avg
+        return min(1.0, self._refetched_avg / ev) if ev > 0 else 0.0
+
+    def held_blocks(self, bits: np.ndarray) -> np.ndarray:
+        """Confirmed blocks held per entry of ``bits`` (worker bits, -1 for unknown: 0)."""
+        return self._held[bits]
 
     def _live(self, w: _Worker, stamp: int, keys: list[int]) -> list[int]:
         """Keys of the batch ``stamp`` still speculative with that stamp (not refreshed or confirmed)."""
@@ -474,6 +549,7 @@ class PrefixIndex:
         self._clear_bits(keys, w.mask)
 
     def _clear(self, w: _Worker) -> None:
+        self._held[w.bit] = 0.0
         self._clear_bits(list(w.kcount), w.mask)
         self._clear_bits(list(w.spec), w.mask)  # confirmed and speculative keys are disjoint
         w.ekey.clear()

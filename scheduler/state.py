@@ -179,6 +179,14 @@ class WorkerRegistry:
         self.assumed_prefill_tps = float(assumed_prefill_tps)
         self._rate = 0.0  # routed requests per second (exponentially decayed), as of _rate_t
         self._rate_t = clock()
+        # Mean running time (Little's law over one window): the running count the engines report,
+        # summed over workers and averaged over time, and this router's completions per second,
+        # both decayed with the same time constant so that they lag together.
+        self._run_sum = 0.0  # sum of num_running over the rows, now
+        self._run_avg = 0.0  # _run_sum averaged over about ARRIVAL_RATE_WINDOW_S, as of _run_t
+        self._run_t = self._rate_t
+        self._done = 0.0  # completions per second (exponentially decayed), as of _done_t
+        self._done_t = self._rate_t
         self.index = index
         self._clock = clock
         self._block_size: dict[str, int] = {}
@@ -233,6 +241,8 @@ class WorkerRegistry:
         new.updated_at[n_keep:] = now
         new.prefill_anchor_t[n_keep:] = now
         self._view = new
+        self._advance_running(now)
+        self._run_sum = float(new.num_running.sum())
         self._assume_rates(now)
         for i in range(len(ids)):
             self._derive(new, i)
@@ -269,6 +279,8 @@ class WorkerRegistry:
         if kv_usage is not None:
             v.kv_usage[i] = min(1.0, max(0.0, kv_usage))
         if num_running is not None:
+            self._advance_running(self._clock())
+            self._run_sum += num_running - float(v.num_running[i])
             v.num_running[i] = num_running
         if num_waiting is not None:
             v.num_waiting[i] = num_waiting
@@ -320,6 +332,36 @@ class WorkerRegistry:
         ``ARRIVAL_RATE_WINDOW_S`` (exponentially decayed). Called once per decision."""
         t = self._clock() if now is None else now
         return self._rate * math.exp(-max(0.0, t - self._rate_t) / ARRIVAL_RATE_WINDOW_S)
+
+    def completion_rate(self, now: float | None = None) -> float:
+        """Completions per second this router saw (`on_completed`), decayed like `arrival_rate`."""
+        t = self._clock() if now is None else now
+        return self._done * math.exp(-max(0.0, t - self._done_t) / ARRIVAL_RATE_WINDOW_S)
+
+    def mean_running_s(self, now: float | None = None) -> float:
+        """Seconds a request runs on an engine (holds KV blocks) on average; 0 when unknown.
+
+        Little's law, ``running / completion rate``, with both averaged over the same window
+        (about ``ARRIVAL_RATE_WINDOW_S``, exponentially): the reported running count of every
+        worker, integrated over time, over this router's completions per second. Dividing the
+        running count now by the request rate of the last half minute instead overestimates it
+        several times at the start of a burst, when requests run but the rate has not caught up.
+        Assumes this router sees the tier's completions (one router per tier). Called once per
+        decision: O(1).
+        """
+        t = self._clock() if now is None else now
+        done = self.completion_rate(t)
+        if done <= 0:
+            return 0.0
+        self._advance_running(t)
+        return self._run_avg / done
+
+    def _advance_running(self, now: float) -> None:
+        dt = now - self._run_t
+        if dt > 0:
+            a = math.exp(-dt / ARRIVAL_RATE_WINDOW_S)
+            self._run_avg = self._run_avg * a + self._run_sum * (1.0 - a)
+            self._run_t = now
 
     def add_prefill(self, worker_id: str, tokens: float) -> None:
         """The router sent ``worker_id`` a request with ``tokens`` prompt tokens to compute there.
@@ -384,6 +426,9 @@ class WorkerRegistry:
 
     def on_completed(self, worker_id: str) -> None:
         """A request sent to ``worker_id`` finished, failed or was aborted (once per request)."""
+        now = self._clock()
+        self._done = self.completion_rate(now) + 1.0 / ARRIVAL_RATE_WINDOW_S
+        self._done_t = now
         v = self._view
         i = v.row.get(worker_id)
         if i is not None and v.num_inflight[i] > 0:

@@ -70,29 +70,68 @@ def _wait(ctx: CycleContext, view: WorkerView) -> tuple[np.ndarray, np.ndarray]:
     wait = view.queued_prefill(ctx.now)
     wait *= view.inv_prefill_tps
     wait += own
-    if ctx.arrival_rate > 0:
-        # KV: blocks free as running requests end. By Little's law a request spends
-        # (running requests) / (arrival rate) seconds running on average, so freeing `over` of
-        # the `held` blocks takes about over / held of that. The queue ahead is charged once, as
-        # prefill time above.
+    running_s = ctx.running_s
+    if running_s <= 0 and ctx.arrival_rate > 0:
+        # not measured yet (no completion seen): Little's law with the request rate instead
         running_s = float(view.num_running.sum()) / ctx.arrival_rate
-        if running_s > 0:
-            over = view.kv_over_blocks(-(-req.prompt_tokens // req.block_size))
-            over *= view.kv_scale
-            over *= running_s
-            wait += over
+    if running_s > 0:
+        # KV: blocks free as running requests end, a request running `running_s` on average
+        # (measured, `WorkerRegistry.mean_running_s`), so freeing `over` of the `held` blocks
+        # takes about over / held of that. The queue ahead is charged once, as prefill time above.
+        over = view.kv_over_blocks(-(-req.prompt_tokens // req.block_size))
+        over *= view.kv_scale
+        over *= running_s
+        wait += over
     return wait, own
 
 
-def cost_s(ctx: CycleContext, view: WorkerView, keep: np.ndarray) -> np.ndarray:
-    """Per row: the request's own wait plus the delay its prefill imposes on later requests.
+def evicted_work_s(ctx: CycleContext, view: WorkerView) -> np.ndarray | None:
+    """Per row: the prefill seconds that the blocks this request evicts there will cost later.
 
-    Requests that arrive at a worker before this one's prefill ends queue behind its ``own``
-    uncached prefill time: about ``arrival_rate / eligible workers * wait`` of them. Adding that
-    externality makes the choice minimise everyone's wait, not only this request's, so a prefix
-    that saves work is worth more when the tier is busy and nothing extra when it is idle.
+    The request adds its uncached full blocks to the worker's cache; where the cache is full
+    (the blocks the index says it holds, plus these, exceed its capacity) as many blocks are
+    evicted, and each is computed again later with the tier's measured probability p
+    (``ctx.reuse_p``, `scheduler.index.PrefixIndex.reuse_probability`), at the worker's rate;
+    that recomputation evicts in turn, so an eviction costs p / (1 - p) blocks of work.
+    ``None`` when nothing is known (no index, no eviction seen yet, no capacity reported).
+    Copying a prefix another worker holds onto a full cache is then charged for the other
+    prefixes it pushes out, which is what caches smaller than the working set lose hits to.
+    """
+    held = ctx.cached_blocks
+    if held is None or ctx.reuse_p <= 0:
+        return None
+    req = ctx.request
+    new = req.prompt_tokens // req.block_size - ctx.matched_blocks
+    np.maximum(new, 0, out=new)
+    over = held + new
+    over -= view.capacity_blocks
+    np.clip(over, 0.0, new, out=over)
+    over[view.capacity_blocks <= 0] = 0.0  # capacity unknown: no estimate
+    # Each block computed again evicts another, needed again with the same probability: the
+    # expected recomputations per eviction are p + p^2 + ... = p / (1 - p). The index measures p
+    # over one cache's worth of evictions, so chains longer than that are not seen (the bound).
+    p = min(ctx.reuse_p, 1.0 - 1.0 / max(2.0, float(held.sum())))
+    over *= p / (1.0 - p) * req.block_size
+    over *= view.inv_prefill_tps
+    return over
+
+
+def cost_s(ctx: CycleContext, view: WorkerView, keep: np.ndarray) -> np.ndarray:
+    """Per row: the request's own wait, the work its evictions cause later, and the delay its
+    work imposes on later requests.
+
+    The work this choice causes is the request's ``own`` uncached prefill now plus the expected
+    recomputation of what it evicts (`evicted_work_s`). Requests that arrive at a worker before
+    this one's prefill ends queue behind that work: about ``arrival_rate / eligible workers *
+    wait`` of them. Adding that externality makes the choice minimise everyone's wait, not only
+    this request's, so a prefix that saves work is worth more when the tier is busy and nothing
+    extra when it is idle.
     """
     wait, own = _wait(ctx, view)
+    later = evicted_work_s(ctx, view)
+    if later is not None:
+        wait += later
+        own += later
     if ctx.arrival_rate > 0:
         own *= ctx.arrival_rate / max(1, int(np.count_nonzero(keep)))
         own += 1.0
