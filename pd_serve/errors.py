@@ -5,7 +5,10 @@ Every error a client sees is in OpenAI's shape, ``{"error": {"message", "type", 
 "code"}}``, with ``code`` equal to the HTTP status. Bodies come from two places:
 
 - vLLM's own serving classes (``ErrorResponse``) for what the engine validates: context length,
-  sampling parameters, failed generations. The engine replicas pass those bodies through as they are.
+  sampling parameters, failed generations. The engine replicas pass those on through
+  ``engine_error_body`` (whole answers) and ``sse_error_messages`` (an error event in a stream):
+  vLLM's fields as they are, except that a blank message (vLLM's 500 for an exception raised
+  without one, e.g. ``EngineGenerateError()``) gets one naming the tier, the type and the code.
 - ``error_body`` for everything pd_serve decides itself: the ingress by way of this tree, decode
   directly for its 502 (a body that crosses Ray as bytes inside a ``JSONReply``)::
 
@@ -48,9 +51,10 @@ The ingress turns a ``PDServeError`` into a response and counts it in
 
 from __future__ import annotations
 
+import json
 import re
 from http import HTTPStatus
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 
 def error_body(message: str, status: int, err_type: str | None = None,
@@ -58,10 +62,72 @@ def error_body(message: str, status: int, err_type: str | None = None,
     """The OpenAI error object, the same shape vLLM's ``ErrorResponse`` serialises to."""
     if err_type is None:
         try:
-            err_type = HTTPStatus(status).phrase.replace(" ", "") + "Error"
+            err_type = HTTPStatus(status).phrase.replace(" ", "")
+            err_type += "" if err_type.endswith("Error") else "Error"  # not "InternalServerErrorError"
         except ValueError:
             err_type = "Error"
     return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+def engine_error_body(status: int, error: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
+    """What the client gets for an engine's error answer: vLLM's error object (its
+    ``ErrorResponse.error`` as a dict; None or partial if the engine gave less) in OpenAI's shape
+    with ``code`` equal to ``status``. A blank message gets one that names what failed, e.g.
+    ``decode engine failed the request: InternalServerError (500); vLLM gave no detail``
+    (``source`` is the tier: ``prefill`` or ``decode``)."""
+    err = error if isinstance(error, Mapping) else {}
+    err_type = str(err.get("type") or "").strip() or None
+    param = err.get("param")
+    message = str(err.get("message") or "").strip()
+    if not message:
+        shown = err_type or error_body("", status)["error"]["type"]
+        what = "failed the request" if status >= 500 else "refused the request"
+        message = f"{source} engine {what}: {shown} ({status}); vLLM gave no detail"
+    return error_body(message, status, err_type, param if isinstance(param, str) else None)
+
+
+def engine_error_json(status: int, body: bytes | str | None, source: str) -> bytes:
+    """``engine_error_body`` for an error answer already serialised (a ``JSONReply`` or
+    ``PrefillResult`` body): empty, not JSON, or an OpenAI error object."""
+    error: Any = None
+    raw = body.decode("utf-8", "replace") if isinstance(body, bytes) else (body or "")
+    if raw.strip():
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            error = parsed["error"]
+        elif isinstance(parsed, dict) and "message" in parsed:  # a bare error object
+            error = parsed
+        else:  # not an error object: its text is the best message there is
+            error = {"message": _short(raw.strip())}
+    return json.dumps(engine_error_body(status, error, source)).encode()
+
+
+def sse_error_messages(text: str, source: str) -> str:
+    """An SSE text (``data: ...`` events) with each in-band error event's blank message filled
+    in, as ``engine_error_body`` does; any other text is returned as it is (and at once when it
+    holds no ``"error"``: a JSON key cannot appear in a token's text unescaped)."""
+    if '"error"' not in text:
+        return text
+    out: list[str] = []
+    changed = False
+    for event in text.split("\n\n"):
+        payload = event.removeprefix("data: ") if event.startswith("data: ") else None
+        if payload is not None and payload.lstrip().startswith("{"):
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                obj = None
+            err = obj.get("error") if isinstance(obj, dict) else None
+            if isinstance(err, dict) and not str(err.get("message") or "").strip():
+                code = err.get("code")
+                status = code if isinstance(code, int) and 100 <= code <= 599 else 500
+                event = "data: " + json.dumps(engine_error_body(status, err, source))
+                changed = True
+        out.append(event)
+    return "\n\n".join(out) if changed else text
 
 
 class PDServeError(Exception):

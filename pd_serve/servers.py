@@ -38,7 +38,7 @@ from pd_serve.autoscaling import KV_USAGE, QUEUED_PREFILL_TOKENS
 from pd_serve.config import AppConfig
 from pd_serve.control import HEARTBEAT_S
 from pd_serve.engine import EngineHost, drain_batches
-from pd_serve.errors import error_body
+from pd_serve.errors import engine_error_body, engine_error_json, error_body, sse_error_messages
 from pd_serve.engine import KV_EVENTS_TOPIC
 from pd_serve.phases import InFlight
 from pd_serve.placement import pin_process
@@ -63,9 +63,11 @@ def _replica_tag() -> str:
         return uuid.uuid4().hex[:8]
 
 
-def _error_json(resp: Any) -> tuple[int, bytes]:
-    """vLLM ErrorResponse -> (status, body)."""
-    return resp.error.code, resp.model_dump_json().encode()
+def _error_json(resp: Any, source: str) -> tuple[int, bytes]:
+    """vLLM ErrorResponse -> (status, body): its error object, with a message naming what failed
+    where vLLM gave none (``errors.engine_error_body``); ``source`` is the tier."""
+    status = int(resp.error.code)
+    return status, json.dumps(engine_error_body(status, resp.error.model_dump(), source)).encode()
 
 
 class _EngineReplica:
@@ -166,7 +168,7 @@ class PrefillServer(_EngineReplica):
         finally:
             self._queued_tokens -= tokens
         if hasattr(resp, "error"):
-            status, body = _error_json(resp)
+            status, body = _error_json(resp, "prefill")
             return PrefillResult(status=status, error_body=body, replica_id=self.replica_id)
         return PrefillResult(
             status=200, kv_transfer_params=resp.kv_transfer_params,
@@ -503,14 +505,15 @@ class DecodeServer(_EngineReplica):
                         where = "local"
                     elif res.status != 200:
                         m.REQUESTS.labels(api, "error").inc()
-                        return _First(JSONReply(res.status, res.error_body or b""), None, where)
+                        return _First(JSONReply(res.status, engine_error_json(res.status, res.error_body, "prefill")),
+                                      None, where)
                     else:
                         request.kv_transfer_params = KVTransferParams.from_vllm(res.kv_transfer_params).to_vllm()
                 m.PREFILL_DECISIONS.labels(where, reason).inc()
                 pulls = retry and where != "local"
 
                 result = await self.host.create(kind, request)
-                stream = (drain_batches(result, min_interval_s=self._stream_interval_s)
+                stream = (_error_messages(drain_batches(result, min_interval_s=self._stream_interval_s))
                           if hasattr(result, "__aiter__") else None)
                 head: list[str] = []
                 if pulls and stream is not None:
@@ -538,7 +541,7 @@ class DecodeServer(_EngineReplica):
 
             if hasattr(result, "error"):
                 m.REQUESTS.labels(api, "error").inc()
-                return _First(JSONReply(*_error_json(result)), None, where)
+                return _First(JSONReply(*_error_json(result, "decode")), None, where)
             if stream is None:
                 m.REQUESTS.labels(api, "ok").inc()
                 return _First(JSONReply(200, result.model_dump_json().encode()), None, where)
@@ -561,6 +564,17 @@ class _First(msgspec.Struct):
     item: JSONReply | str
     stream: Any
     where: str
+
+
+async def _error_messages(stream: Any) -> AsyncIterator[list[str]]:
+    """Decode's SSE batches, with a blank message in an in-band error event filled in
+    (``errors.sse_error_messages``; other events pass untouched). Closing this closes ``stream``
+    (which aborts the engine request)."""
+    try:
+        async for batch in stream:
+            yield [sse_error_messages(x, "decode") for x in batch]
+    finally:
+        await stream.aclose()
 
 
 async def _stream_head(stream: AsyncIterator[list[str]]) -> tuple[list[str], bool]:
