@@ -22,7 +22,9 @@ from pd_serve.tiny_model import resolve_model
 
 # Seconds Serve waits for a replica to stop before killing it. A 70B engine's teardown (NCCL,
 # CUDA contexts, eight workers) takes tens of seconds; killed early, it leaves GPUs that the
-# next replica on the node finds still busy.
+# next replica on the node finds still busy. A prefill replica also waits, before its engine
+# stops, until decode has pulled the KV its last prefills produced (at most kv_transfer.lease_s):
+# its tier gets room for that (PrefillServer.graceful_shutdown_s; 40 s on CPU with lease_s 30).
 GRACEFUL_SHUTDOWN_S = {"cpu": 5, "gpu": 60}
 
 
@@ -70,7 +72,8 @@ def tier_options(cfg: AppConfig, tier: str) -> dict[str, Any]:
         "max_ongoing_requests": t.max_ongoing_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
-        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S[cfg.device],
+        "graceful_shutdown_timeout_s": (PrefillServer.graceful_shutdown_s(cfg, GRACEFUL_SHUTDOWN_S[cfg.device])
+                                        if tier == "prefill" else GRACEFUL_SHUTDOWN_S[cfg.device]),
         # internal hops: one access-log line per request per tier is noise (the ingress logs it)
         "logging_config": {"enable_access_log": False},
         "ray_actor_options": {

@@ -25,7 +25,7 @@ import os
 
 import msgspec
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple
 
 from prometheus_client import start_http_server
 
@@ -179,6 +179,120 @@ class PrefillServer(_EngineReplica):
         """Nothing: sent by a decode replica while this tier has no replica (``PrefillWaker``),
         so that a request queues at the prefill handle and Ray Serve scales the tier up."""
         return self.replica_id
+
+    # -- stopping: KV already handed to decode stays pullable -----------------------------------
+    # Ray Serve stops a replica (scale-down, redeploy, app shutdown) by draining its ongoing
+    # prefill() calls and then awaiting __del__, all within graceful_shutdown_timeout_s. The last
+    # prefills' kv_transfer_params are then on their way to decode, which pulls the blocks over
+    # NIXL from this engine: shutting the engine down at once would break those pulls (decode
+    # recomputes, or fails under failure_policy: fail). So __del__ first waits until the engine
+    # holds nothing awaiting a pull (kv_transfer.held), at most kv_transfer.lease_s (after
+    # which vLLM frees the blocks anyway) and never into the time the engine needs to stop.
+    PULL_POLL_S = 0.05
+    # Serve's drain before __del__: one graceful_shutdown_wait_loop_s (2 s) plus the last prefills.
+    DRAIN_ALLOWANCE_S = 5.0
+    # Kept for the engine's own teardown after the wait, whatever the wait took. pd_serve/app.py's
+    # GRACEFUL_SHUTDOWN_S is the teardown budget of a replica that does not wait; the prefill
+    # tier's timeout is the larger of that and this reserve + the drain + the lease.
+    STOP_RESERVE_S = {"cpu": 5.0, "gpu": 25.0}
+
+    class PullWait(NamedTuple):
+        outcome: str                # "none": nothing held; "released": all pulled (or freed); "timeout"
+        waited_s: float
+        held: tuple[int, int]       # (requests, blocks) awaiting a pull when the wait began
+        left: tuple[int, int]       # ... when it ended
+
+    @classmethod
+    def graceful_shutdown_s(cls, cfg: AppConfig, teardown_s: float) -> float:
+        """The prefill tier's graceful_shutdown_timeout_s, given the teardown budget of a replica
+        that does not wait (``app.GRACEFUL_SHUTDOWN_S``): room for the drain, the wait for pulls
+        (up to ``kv_transfer.lease_s``) and the engine's teardown after it."""
+        return max(float(teardown_s), cls.STOP_RESERVE_S[cfg.device] + cls.DRAIN_ALLOWANCE_S + cfg.kv_transfer.lease_s)
+
+    @classmethod
+    def pull_wait_limit_s(cls, cfg: AppConfig, graceful_shutdown_s: float | None) -> float:
+        """Longest __del__ waits for pulls: the lease, within the replica's shutdown budget
+        (``graceful_shutdown_s``, the deployment's timeout; None when unknown) less the drain
+        before __del__ and the engine's teardown after it."""
+        limit = float(cfg.kv_transfer.lease_s)
+        if graceful_shutdown_s is not None:
+            limit = min(limit, graceful_shutdown_s - cls.DRAIN_ALLOWANCE_S - cls.STOP_RESERVE_S[cfg.device])
+        return max(0.0, limit)
+
+    @staticmethod
+    async def wait_for_pulls(read: Callable[[], tuple[int, int]], limit_s: float, poll_s: float = PULL_POLL_S,
+                             clock: Callable[[], float] = time.monotonic,
+                             sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> "PrefillServer.PullWait":
+        """Poll ``read`` (``held.read`` of this engine: requests and blocks awaiting a pull) every
+        ``poll_s`` until it reads (0, 0) or ``limit_s`` has passed. A ledger that cannot be read
+        ends the wait (nothing to wait on)."""
+        t0 = clock()
+
+        def held_now() -> tuple[int, int]:
+            try:
+                r, b = read()
+                return int(r), int(b)
+            except Exception:
+                logger.warning("cannot read the KV held for pulls; not waiting", exc_info=True)
+                return 0, 0
+
+        first = last = held_now()
+        if first[0] <= 0 and first[1] <= 0:
+            return PrefillServer.PullWait("none", 0.0, first, first)
+        while True:
+            waited = clock() - t0
+            if waited >= limit_s:
+                return PrefillServer.PullWait("timeout", waited, first, last)
+            await sleep(min(poll_s, limit_s - waited))
+            last = held_now()
+            if last[0] <= 0 and last[1] <= 0:
+                return PrefillServer.PullWait("released", clock() - t0, first, last)
+
+    def _graceful_shutdown_timeout_s(self) -> float | None:
+        try:
+            from ray import serve
+
+            return float(serve.get_replica_context()._deployment_config.graceful_shutdown_timeout_s)
+        except Exception:  # outside Serve (unit tests)
+            return None
+
+    async def _before_stop(self) -> PullWait | None:
+        """Leave decode's view, then wait for the pulls of KV already handed out (see above)."""
+        beat = getattr(self, "_heartbeat", None)
+        if beat is not None:
+            beat.cancel()
+            with contextlib.suppress(BaseException):
+                await beat
+        control = getattr(self, "_control", None)
+        if control is not None:  # decode stops counting this replica as a prefill worker now
+            try:
+                await asyncio.wait_for(control.deregister.remote(self.replica_id), 1.0)
+            except Exception as e:  # control gone too (app shutdown): its TTL drops the entry
+                logger.info("prefill replica %s: deregistering from control failed: %r", self.replica_id, e)
+        identity = self.host.plan.identity
+        if identity is None:  # no KV transfer: nothing is ever held for a pull
+            return None
+        engine_id = identity.engine_id
+        limit = self.pull_wait_limit_s(self.cfg, self._graceful_shutdown_timeout_s())
+        w = await self.wait_for_pulls(lambda: held.read(engine_id), limit)
+        if w.outcome == "released":
+            logger.info("prefill replica %s stopping: waited %.2f s until decode pulled the KV of %d request(s) "
+                        "(%d blocks)", self.replica_id, w.waited_s, *w.held)
+        elif w.outcome == "timeout":
+            logger.warning("prefill replica %s stopping: %d request(s) (%d blocks) still await a pull after "
+                           "%.1f s (limit %.1f s: kv_transfer.lease_s within the shutdown budget); stopping the "
+                           "engine anyway", self.replica_id, *w.left, w.waited_s, limit)
+        return w
+
+    async def __del__(self) -> None:
+        """Ray Serve awaits this when it stops the replica, after draining its prefill() calls:
+        wait for decode's pulls of the KV those prefills produced, then stop the engine."""
+        try:
+            await self._before_stop()
+        except Exception:
+            logger.warning("prefill replica stopping: waiting for pulls failed", exc_info=True)
+        finally:
+            _EngineReplica.__del__(self)
 
 
 class PrefillWaker:
