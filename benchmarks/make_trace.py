@@ -12,6 +12,11 @@ workloads do to it, so this makes workloads that differ on purpose:
   prefixes onto a few engines.
 * ``--preset docs_bursty``: questions over shared documents (long prefixes, Zipf popularity,
   mostly one turn), arriving in bursts (on/off: a Markov-modulated Poisson process).
+* ``--preset agents_hot``: a few very hot, long system prompts (4 prompts of 8k-16k tokens, flat
+  popularity) behind half of the conversations, the other half with no shared prefix at all;
+  long multi-turn conversations (6 turns on average) whose context grows with every answer.
+  Each hot prompt alone is worth more than one engine's queue, and the unique conversations fill
+  the caches with blocks only their own next turn reuses.
 
 Every knob of a preset can be overridden (``--requests``, ``--zipf``, ...). The output is
 deterministic for a given seed. Semantics follow the Mooncake release: equal ids at the same
@@ -69,6 +74,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         request_rate=10.0,
         burst=(4.0, 20.0, 60.0),  # on-period rate multiplier, mean on seconds, mean off seconds
     ),
+    "agents_hot": dict(
+        requests=8000,
+        prefixes=4,
+        zipf=0.3,
+        prefix_tokens=(8000, 16000),
+        unique_frac=0.5,  # conversations that share no prefix with any other
+        mean_turns=6.0,
+        user_median=300,
+        user_sigma=1.0,
+        output_median=300,
+        output_sigma=0.7,
+        think_s=15.0,
+        request_rate=12.0,
+        burst=None,
+    ),
 }
 
 
@@ -119,10 +139,14 @@ def generate(p: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     starts = _arrivals(rng, p["request_rate"] / mean_turns, p["requests"], p["burst"])
     heap: list[tuple[float, int, int]] = []  # (time, conversation, turn)
     convs: list[dict[str, Any]] = []
+    unique_frac = p.get("unique_frac", 0.0)
     for c, t in enumerate(starts):
         s = int(rng.choice(p["prefixes"], p=weights))
         turns = int(rng.geometric(1.0 / mean_turns))
-        convs.append({"prefix": s, "turns": turns, "len": int(prefix_len[s]), "ids": list(prefix_ids[s])})
+        if unique_frac and rng.random() < unique_frac:  # no shared prefix: the user message only
+            convs.append({"prefix": -1, "turns": turns, "len": 0, "ids": []})
+        else:
+            convs.append({"prefix": s, "turns": turns, "len": int(prefix_len[s]), "ids": list(prefix_ids[s])})
         heapq.heappush(heap, (t, c, 0))
     out: list[dict[str, Any]] = []
     while heap and len(out) < p["requests"]:
@@ -150,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     for key in ("requests", "prefixes"):
         ap.add_argument(f"--{key}", type=int)
-    for key in ("zipf", "mean_turns", "think_s", "request_rate"):
+    for key in ("zipf", "mean_turns", "think_s", "request_rate", "unique_frac"):
         ap.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float)
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
