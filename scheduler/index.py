@@ -136,8 +136,9 @@ class PrefixIndex:
         self._by_bit: list[str | None] = []
         self._free_bits: list[int] = []
         self._wake: list[tuple[float, str]] = []  # heap of (time, worker) expiry checks
-        # Confirmed keys per bit (the blocks each worker's cache holds), and a trailing 0 for
-        # "no bit": `held_blocks` indexes it with -1 for rows unknown to the index.
+        # Keys per bit, confirmed or speculative (the blocks each worker's cache holds or is about
+        # to, for the requests routed there), and a trailing 0 for "no bit": `held_blocks`
+        # indexes it with -1 for rows unknown to the index.
         self._held = np.zeros(1, dtype=np.float64)
         # Eviction history: keys whose tier-wide last copy was evicted (FIFO, at most as many as
         # the tier holds), and decayed counts of evictions and of keys computed again from it.
@@ -260,9 +261,8 @@ class PrefixIndex:
                 emed[h] = medium
                 n = w.kcount.get(key, 0)
                 w.kcount[key] = n + 1
-                if n == 0:
+                if n == 0 and w.spec.pop(key, None) is None:  # (a speculative key is counted)
                     self._held[w.bit] += 1
-                if n == 0 and w.spec.pop(key, None) is None:
                     cur = owners.get(key)
                     if cur is None and key in self._ghost:
                         self._refetched([key])
@@ -371,6 +371,7 @@ class PrefixIndex:
                 spec.update(zip(todo, repeat(self._stamp)))
                 w.batches.append((now + ttl_s, self._stamp, todo))
                 if fresh:
+                    self._held[w.bit] += len(fresh)
                     self._set_bits(fresh, w.mask)
                 self.stats.speculative_inserted += len(fresh)
             self._trim(w)
@@ -449,9 +450,9 @@ class PrefixIndex:
         newly = list(compress(keys, map(not_, counts)))  # keys this worker did not hold
         if not newly:
             return
-        self._held[w.bit] += len(newly)
         was_spec = map(w.spec.pop, newly, repeat(None))  # confirmed now: no longer speculative
         need = list(compress(newly, map(is_, was_spec, repeat(None))))
+        self._held[w.bit] += len(need)  # the others were counted as speculative keys
         if need:
             self._set_bits(need, w.mask)
 
@@ -537,7 +538,9 @@ class PrefixIndex:
         return min(1.0, self._refetched_avg / ev) if ev > 0 else 0.0
 
     def held_blocks(self, bits: np.ndarray) -> np.ndarray:
-        """Confirmed blocks held per entry of ``bits`` (worker bits, -1 for unknown: 0)."""
+        """Blocks held per entry of ``bits`` (worker bits, -1 for unknown: 0): confirmed by
+        events, plus the speculative ones of requests routed there and not confirmed yet (their
+        blocks will be in the cache once they are prefilled, whatever they evict)."""
         return self._held[bits]
 
     def _live(self, w: _Worker, stamp: int, keys: list[int]) -> list[int]:
@@ -545,6 +548,7 @@ class PrefixIndex:
         return list(compress(keys, map(eq, map(w.spec.get, keys), repeat(stamp))))
 
     def _drop_spec(self, w: _Worker, keys: list[int]) -> None:
+        self._held[w.bit] -= len(keys)
         deque(map(w.spec.pop, keys, repeat(None)), maxlen=0)
         self._clear_bits(keys, w.mask)
 
