@@ -158,3 +158,19 @@ def test_scheduler_fills_the_eviction_inputs(clock: FakeClock) -> None:
     (ctx,) = seen
     assert ctx.cached_blocks is not None and ctx.cached_blocks.tolist() == [4, 0]
     assert ctx.reuse_p == 0.0  # evicted, not computed again yet
+
+
+def test_held_blocks_count_routed_blocks_until_confirmed_or_expired(clock: FakeClock) -> None:
+    index = PrefixIndex(BLOCK, clock=clock)
+    toks = tokens(1, 16)
+    index.record_routed("a", RequestContext.from_tokens("r", toks, BLOCK).block_keys, ttl_s=10.0)
+    bit = np.array([index.bit_of("a")], dtype=np.intp)
+    assert index.held_blocks(bit).tolist() == [4]  # routed there: about to be cached
+    store_prefix(index, "a", toks)  # confirmed: counted once
+    assert index.held_blocks(bit).tolist() == [4]
+    index.record_routed("a", RequestContext.from_tokens("r2", tokens(2, 8), BLOCK).block_keys, ttl_s=10.0)
+    assert index.held_blocks(bit).tolist() == [6]
+    clock.advance(11.0)
+    index.record_routed("a", [], ttl_s=10.0)
+    index.match_groups([1])  # collects the expired entries
+    assert index.held_blocks(bit).tolist() == [4]
