@@ -4,6 +4,10 @@ policy (issue 9, item 5): while it has no replica decode prefills locally and wa
 idling it goes back to zero and requests are prefilled locally again. Greedy token ids are the
 same whichever engine prefilled.
 
+The scale-down breaks no transfer (issue 9, gap A): KV prefilled just before the replica is told
+to stop, and not pulled yet, is still pulled after it was told to stop, since the stopping
+replica keeps its engine up until decode has pulled it (``PrefillServer.__del__``).
+
 1 -> 2 -> 1 on the prefill tier needs three engines (decode + two prefill); a 2-core machine runs
 two at most, so it is not tested here."""
 
@@ -22,6 +26,8 @@ from tests.support.servers import load_app_args
 UP_WITHIN_S = 240      # cold start of one prefill replica (engine included) on 2 busy cores
 DOWN_DELAY_S = 30      # downscale_delay_s: long enough to run the remote phase at one replica
 DOWN_WITHIN_S = DOWN_DELAY_S + 90
+LEASE_S = 120          # kv_transfer.lease_s: the KV held across the scale-down outlives the downscale delay
+STOPPED_AFTER_PULL_S = 30  # the stopping replica exits this soon after the pull, long before the lease
 SOURCE = "vllm:prompt_tokens_by_source_total"
 
 
@@ -30,14 +36,54 @@ def scale_to_zero_args() -> dict:
         "min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
         "upscale_delay_s": 1, "downscale_delay_s": DOWN_DELAY_S}})
     args["prefill"].pop("replicas", None)  # decode stays at its fixed 1 replica
+    args["kv_transfer"]["lease_s"] = LEASE_S
     return args
 
 
-def _prefill_running() -> int:
+def _prefill_states() -> dict[str, int]:
     from ray import serve
 
     app = serve.status().applications["pd_serve"]
-    return app.deployments["PrefillServer"].replica_states.get("RUNNING", 0)
+    return dict(app.deployments["PrefillServer"].replica_states)
+
+
+def _prefill_running() -> int:
+    return _prefill_states().get("RUNNING", 0)
+
+
+def _hold_kv(model_path: str, i: int, request_id: str):
+    """Prefill prompt ``i`` on the prefill replica the way decode does, and pull nothing: the
+    replica then holds its blocks for decode. Returns (prompt token ids, PrefillResult)."""
+    from ray import serve
+    from transformers import AutoTokenizer
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from kv_transfer import prefill_request_params
+    from pd_serve.protocol import RoutingHint
+
+    body = _body(i)
+    ids = AutoTokenizer.from_pretrained(model_path)(body["prompt"]).input_ids
+    req = CompletionRequest(**{**body, "prompt": ids, "max_tokens": 1, "request_id": request_id,
+                               "kv_transfer_params": prefill_request_params()})
+    prefill = serve.get_deployment_handle("PrefillServer", app_name="pd_serve")
+    res = prefill.prefill.remote("completion", req, RoutingHint(request_id, ids)).result()
+    assert res.status == 200 and res.kv_transfer_params["remote_block_ids"], res
+    return ids, res
+
+
+def _decode_with(decode, i: int, ids: list[int], request_id: str, kv_transfer_params: dict) -> list[int]:
+    """Prompt ``i`` on decode with KV prefilled elsewhere (decode only pulls): its token ids."""
+    import json
+
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from pd_serve.protocol import JSONReply, answer_items
+
+    req = CompletionRequest(**{**_body(i), "prompt": ids, "request_id": request_id,
+                               "kv_transfer_params": kv_transfer_params})
+    out = answer_items(decode.options(stream=True).generate.remote("completion", req, None))
+    assert len(out) == 1 and isinstance(out[0], JSONReply) and out[0].status == 200, out
+    return json.loads(out[0].body)["choices"][0]["token_ids"]
 
 
 def _body(i: int) -> dict:
@@ -73,7 +119,7 @@ def _health(c: httpx.Client) -> dict:
 
 
 @pytest.mark.own_app("prefill-scale-to-zero")
-def test_prefill_tier_scales_from_zero_to_one_and_back_with_local_prefill_at_zero(apps) -> None:
+def test_prefill_tier_scales_from_zero_to_one_and_back_with_local_prefill_at_zero(apps, model_path: str) -> None:
     url = apps.get("prefill-scale-to-zero", scale_to_zero_args())
     from ray import serve
 
@@ -129,15 +175,54 @@ def test_prefill_tier_scales_from_zero_to_one_and_back_with_local_prefill_at_zer
             assert d["remote"] == 1, f"request {k} was not prefilled remotely at one replica: {d}"
             assert ids == local_ids[k], f"prompt {k}: remote prefill gave other token ids than local"
             assert d["by_transfer"] == prompt_tokens and d["decode_computed"] == 0, d
-        t_last_remote = time.monotonic()
         wait_idle(url, engines=2, timeout=30)  # both engines idle, prefill holds no block for a pull
 
+        # -- KV prefilled and not pulled yet when the replica is told to stop --
+        k_held, rid = redo[0], "held-across-scale-down"
+        held_ids, held = _hold_kv(model_path, k_held, rid)
+        s = Scrape.get(url)
+        held_blocks = s.values("pd_serve_kv_blocks_awaiting_pull", tier="prefill")
+        assert held_blocks and held_blocks[0] >= 1 and s.values("pd_serve_kv_requests_awaiting_pull",
+                                                                tier="prefill") == [1], held_blocks
+        t_last_remote = time.monotonic()
+
         # -- idle: back to zero --
+        # Serve told the replica to stop (no longer RUNNING) and it left decode's view (/health);
+        # the engine is still up while the KV awaits its pull
         while not (_prefill_running() == 0 and _health(c)["prefill_replicas"] == 0):
             assert time.monotonic() - t_last_remote < DOWN_WITHIN_S, (
                 f"the prefill tier did not go back to zero within {DOWN_WITHIN_S} s of idling")
-            time.sleep(1)
+            time.sleep(0.2)
         t_down = time.monotonic() - t_last_remote
+        states_at_pull = _prefill_states()
+
+        # -- the held KV is pulled from the stopping replica: same tokens, all of it by transfer --
+        assert decode.reset_prefix_cache.remote().result()  # so the whole prompt must come by transfer
+        before = Scrape.get(url)
+        t_pull = time.monotonic()
+        pulled_ids = _decode_with(decode, k_held, held_ids, rid, held.kv_transfer_params)
+        pull_s = time.monotonic() - t_pull
+        after_pull = Scrape.get(url)
+
+        def pulled(name: str, **labels: str) -> float:
+            return after_pull.sum(name, tier="decode", **labels) - before.sum(name, tier="decode", **labels)
+
+        assert pulled_ids == local_ids[k_held], "the KV held across the scale-down gave other token ids"
+        assert pulled(SOURCE, source="external_kv_transfer") == len(held_ids), (
+            f"decode did not pull the held KV from the stopping prefill replica (stop states when the "
+            f"pull was sent: {states_at_pull}): by transfer {pulled(SOURCE, source='external_kv_transfer')}, "
+            f"computed {pulled(SOURCE, source='local_compute')} of {len(held_ids)} prompt tokens")
+        assert pulled(SOURCE, source="local_compute") == 0
+        assert pulled("pd_serve_prefill_total", where="external", reason="preset") == 1
+        assert pulled("vllm:nixl_num_failed_transfers_total") == 0
+        assert states_at_pull.get("STOPPING", 0) == 1, states_at_pull  # it was still stopping, waiting
+        # ... and once pulled, the replica stops at once: not at the lease, not killed at its timeout
+        while _prefill_states():
+            assert time.monotonic() - t_pull < STOPPED_AFTER_PULL_S, (
+                f"the stopping prefill replica did not exit within {STOPPED_AFTER_PULL_S} s of the pull: "
+                f"{_prefill_states()}")
+            time.sleep(0.2)
+        t_exit = time.monotonic() - t_pull
         time.sleep(2)  # decode's view of the tier (heartbeat, 1 s) catches up with /health's
 
         # -- at zero again: still 200, local, same tokens; and the tier is woken again --
@@ -152,4 +237,6 @@ def test_prefill_tier_scales_from_zero_to_one_and_back_with_local_prefill_at_zer
           f"{t_first_remote:.1f} s ({at_zero} requests prefilled locally meanwhile, all 200, "
           f"{unavailable:.0f} of them as prefill_unavailable); "
           f"{len(redo)} remote with identical token ids; 1->0 after {t_down:.1f} s idle "
-          f"(downscale_delay_s {DOWN_DELAY_S}); 2 local again at zero with identical ids")
+          f"(downscale_delay_s {DOWN_DELAY_S}); KV held across the stop ({held_blocks[0]:.0f} blocks, "
+          f"{len(held_ids)} tokens) pulled from the stopping replica in {pull_s:.2f} s with identical ids, "
+          f"replica gone {t_exit:.1f} s after the pull (lease_s {LEASE_S}); 2 local again at zero with identical ids")
