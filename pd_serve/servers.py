@@ -195,6 +195,9 @@ class PrefillServer(_EngineReplica):
     # GRACEFUL_SHUTDOWN_S is the teardown budget of a replica that does not wait; the prefill
     # tier's timeout is the larger of that and this reserve + the drain + the lease.
     STOP_RESERVE_S = {"cpu": 5.0, "gpu": 25.0}
+    # Serve's replica logger: what the stop waited for lands in the replica's own log file
+    # (logs/serve/replica_<app>_PrefillServer_<id>.log), where pd_serve's module logger does not.
+    _stop_log = logging.getLogger("ray.serve")
 
     class PullWait(NamedTuple):
         outcome: str                # "none": nothing held; "released": all pulled (or freed); "timeout"
@@ -268,7 +271,7 @@ class PrefillServer(_EngineReplica):
             try:
                 await asyncio.wait_for(control.deregister.remote(self.replica_id), 1.0)
             except Exception as e:  # control gone too (app shutdown): its TTL drops the entry
-                logger.info("prefill replica %s: deregistering from control failed: %r", self.replica_id, e)
+                self._stop_log.info("prefill replica %s: deregistering from control failed: %r", self.replica_id, e)
         identity = self.host.plan.identity
         if identity is None:  # no KV transfer: nothing is ever held for a pull
             return None
@@ -276,10 +279,10 @@ class PrefillServer(_EngineReplica):
         limit = self.pull_wait_limit_s(self.cfg, self._graceful_shutdown_timeout_s())
         w = await self.wait_for_pulls(lambda: held.read(engine_id), limit)
         if w.outcome == "released":
-            logger.info("prefill replica %s stopping: waited %.2f s until decode pulled the KV of %d request(s) "
+            self._stop_log.info("prefill replica %s stopping: waited %.2f s until decode pulled the KV of %d request(s) "
                         "(%d blocks)", self.replica_id, w.waited_s, *w.held)
         elif w.outcome == "timeout":
-            logger.warning("prefill replica %s stopping: %d request(s) (%d blocks) still await a pull after "
+            self._stop_log.warning("prefill replica %s stopping: %d request(s) (%d blocks) still await a pull after "
                            "%.1f s (limit %.1f s: kv_transfer.lease_s within the shutdown budget); stopping the "
                            "engine anyway", self.replica_id, *w.left, w.waited_s, limit)
         return w
@@ -290,7 +293,7 @@ class PrefillServer(_EngineReplica):
         try:
             await self._before_stop()
         except Exception:
-            logger.warning("prefill replica stopping: waiting for pulls failed", exc_info=True)
+            self._stop_log.warning("prefill replica stopping: waiting for pulls failed", exc_info=True)
         finally:
             _EngineReplica.__del__(self)
 
