@@ -2,7 +2,7 @@
 
 For each worker::
 
-    wait_s = (queued_prefill_tokens + uncached_tokens) / prefill_tps
+    wait_s = (queued_prefill_tokens + uncached_tokens) / prefill_tps  (+ the wait for KV blocks)
 
 * ``queued_prefill_tokens``: prefill work already queued on the worker: the registry's fluid
   estimate (every request this router sent adds its uncached tokens; it drains at the worker's
@@ -27,8 +27,11 @@ Compared with the two designs it starts from:
   with trained sidecar models. This is the closed-form, first-order version of that: the same
   inputs, no training, and it stays explainable (``Decision.scores``).
 
-What it leaves out: decode work slowing prefill (visible only through the measured rate), and
-the eviction a new prefix causes on a full cache. KV headroom is the ``saturated`` filter's job.
+Evictions: where the worker's cache is full, the blocks the request adds push others out; each
+is computed again later with the tier's measured probability p (`evicted_work_s`), so copying a
+prefix onto a full cache is charged for the prefixes it displaces. What it leaves out: decode
+work slowing prefill (visible only through the measured rate), and which blocks are evicted (p is
+the tier's average, not the worker's LRU tail). KV headroom is the ``saturated`` filter's job.
 
 ```yaml
 plugins:
