@@ -314,15 +314,38 @@ class Prober:
         self._thread.start()
         return self
 
-    def stop(self) -> dict[str, Any]:
+    def _collect(self) -> None:
         self._stop.set()
         self._thread.join(self.timeout + 5)
+
+    def stop(self) -> dict[str, Any]:
+        self._collect()
         ms = list(self.ms)
         r = (lambda v: None if v is None else round(v, 1))
         return {"path": self.path, "interval_s": self.interval, "n": len(ms), "failed": self.failed,
                 "errors": dict(self.errors),
                 "p50_ms": r(_pct(ms, 50)), "p99_ms": r(_pct(ms, 99)), "max_ms": r(max(ms) if ms else None),
                 "mean_ms": r(sum(ms) / len(ms) if ms else None)}
+
+
+class ProcessProber(Prober):
+    """A ``Prober`` (no ``on_body``) that runs in a process of its own (``benchmarks.probe``), so
+    the driver's own work cannot delay it: the latencies are the server's and the network's."""
+
+    def start(self) -> "ProcessProber":
+        self._proc = subprocess.Popen([sys.executable, "-m", "benchmarks.probe", self.url + self.path,
+                                       str(self.interval), str(self.timeout)],
+                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def _collect(self) -> None:
+        try:
+            out, _ = self._proc.communicate(input="", timeout=self.timeout + 5)
+            res = json.loads(out.strip().splitlines()[-1])
+            self.ms, self.failed, self.errors = res["ms"], res["failed"], res["errors"]
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+            self._proc.kill()
+            self.errors["probe process: " + type(e).__name__] = 1
 
 
 # Gauges read from /metrics: (metric, label that tells the readings apart).
@@ -400,7 +423,10 @@ class LoadWindow:
         self.t0, self.busy0, self.client0 = time.monotonic(), self._busy(), self._client()
         self.tree.start(interval=1.0)
         if self.probe:
-            self.probers = [Prober(self.s.url, HEALTH_PATH[self.spec.kind], 0.1).start(),
+            # /health from a process of its own (what the server does); the same probe from a
+            # thread of this driver is kept for comparison (it also waits for this process's GIL).
+            self.probers = [ProcessProber(self.s.url, HEALTH_PATH[self.spec.kind], 0.1).start(),
+                            Prober(self.s.url, HEALTH_PATH[self.spec.kind], 0.1).start(),
                             Prober(self.s.url, "/metrics", 1.0, timeout=30, on_body=self.track).start()]
 
     def stop(self) -> None:
@@ -408,7 +434,9 @@ class LoadWindow:
         wall = time.monotonic() - self.t0
         busy, client = self._busy() - self.busy0, self._client() - self.client0
         for pr in self.probers:
-            self.out["health" if pr.path != "/metrics" else "metrics_probe"] = pr.stop()
+            key = ("metrics_probe" if pr.path == "/metrics" else
+                   "health" if isinstance(pr, ProcessProber) else "health_from_driver_thread")
+            self.out[key] = pr.stop()
         tree = self.tree.result()
         pct = (lambda x: round(100 * x / wall, 1))
         self.out["cpu"] = {
