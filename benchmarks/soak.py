@@ -486,6 +486,12 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
         p0, p1 = first.get("rss_parts", {}).get(pid), last.get("rss_parts", {}).get(pid)
         if p0 and p1:  # which part grew: anon (heap), file, shmem
             row["growth_mib"] = {k: _mib(b - a) for k, a, b in zip(("anon", "file", "shmem"), p0, p1)}
+        mid = next((s for s in after if s["t_s"] >= (first["t_s"] + last["t_s"]) / 2), None)
+        rm = mid["rss_bytes"].get(pid) if mid else None
+        if rm is not None and r1 is not None:
+            # A leak grows at a steady rate (about half its growth in each half of the window); a
+            # cache filling up to a bound slows down (see benchmarks/onednn_cache_rss.py).
+            row["growth_second_half_pct"] = round(100 * (r1 - rm) / rm, 2)
         if r0 is not None and r1 is not None:
             row["growth_pct"] = round(100 * (r1 - r0) / r0, 2)
             row["flag"] = row["growth_pct"] > cfg["max_growth_pct"]
@@ -532,7 +538,9 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"  {r['process'][:58]:<58} {r['pid']:>7} {r['rss_first_mib'] or '-':>10} "
                          f"{r['rss_last_mib'] or '-':>9} {r['rss_max_mib'] or '-':>8} {g:>8}{mark}"
                          + (" (MiB anon {anon:+}, file {file:+}, shmem {shmem:+})".format(**r["growth_mib"])
-                            if r.get("flag") and r.get("growth_mib") else ""))
+                            if r.get("flag") and r.get("growth_mib") else "")
+                         + (f"; second half {r['growth_second_half_pct']:+.1f}%"
+                            if r.get("flag") and "growth_second_half_pct" in r else ""))
     for reason in report.get("failures", []):
         lines.append("FAIL: " + reason)
     return "\n".join(lines)
