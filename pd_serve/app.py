@@ -24,7 +24,7 @@ from pd_serve.tiny_model import resolve_model
 # CUDA contexts, eight workers) takes tens of seconds; killed early, it leaves GPUs that the
 # next replica on the node finds still busy. A prefill replica also waits, before its engine
 # stops, until decode has pulled the KV its last prefills produced (at most kv_transfer.lease_s):
-# its tier gets room for that (PrefillServer.graceful_shutdown_s; 40 s on CPU with lease_s 30).
+# its tier gets room for that (PrefillServer.graceful_shutdown_s: 40 s on CPU, 95 s on GPU with lease_s 30).
 GRACEFUL_SHUTDOWN_S = {"cpu": 5, "gpu": 60}
 
 

@@ -194,7 +194,9 @@ class PrefillServer(_EngineReplica):
     # Kept for the engine's own teardown after the wait, whatever the wait took. pd_serve/app.py's
     # GRACEFUL_SHUTDOWN_S is the teardown budget of a replica that does not wait; the prefill
     # tier's timeout is the larger of that and this reserve + the drain + the lease.
-    STOP_RESERVE_S = {"cpu": 5.0, "gpu": 25.0}
+    # The whole teardown budget of a tier that does not wait (app.GRACEFUL_SHUTDOWN_S): a 70B
+    # engine keeps its 60 s to release the GPUs however long the pulls took.
+    STOP_RESERVE_S = {"cpu": 5.0, "gpu": 60.0}
     # Serve's replica logger: what the stop waited for lands in the replica's own log file
     # (logs/serve/replica_<app>_PrefillServer_<id>.log), where pd_serve's module logger does not.
     _stop_log = logging.getLogger("ray.serve")

@@ -127,12 +127,12 @@ def test_the_prefill_tiers_timeout_leaves_room_for_the_whole_lease(name: str) ->
     assert tier_options(cfg, "decode")["graceful_shutdown_timeout_s"] == GRACEFUL_SHUTDOWN_S[cfg.device]
 
 
-def test_cpu_prefill_timeout_grows_with_the_lease_and_gpu_keeps_its_60_s() -> None:
+def test_prefill_timeout_is_teardown_plus_drain_plus_lease() -> None:
     assert tier_options(_cfg("tiny-cpu.yaml"), "prefill")["graceful_shutdown_timeout_s"] == 5 + 5 + 30
     assert tier_options(_cfg("tiny-cpu.yaml", lease_s=120), "prefill")["graceful_shutdown_timeout_s"] == 130
-    assert tier_options(_cfg("llama70b.yaml"), "prefill")["graceful_shutdown_timeout_s"] == 60
-    # never below the teardown budget of a replica that does not wait
-    assert tier_options(_cfg("llama70b.yaml", lease_s=1), "prefill")["graceful_shutdown_timeout_s"] == 60
+    # a 70B engine keeps the whole 60 s teardown after waiting out the lease
+    assert tier_options(_cfg("llama70b.yaml"), "prefill")["graceful_shutdown_timeout_s"] == 60 + 5 + 30
+    assert tier_options(_cfg("llama70b.yaml", lease_s=1), "prefill")["graceful_shutdown_timeout_s"] == 66
 
 
 def test_the_wait_never_eats_into_the_engines_teardown() -> None:
