@@ -35,6 +35,7 @@ from pd_serve import channel as ch
 from pd_serve import failover
 from pd_serve import metrics as m
 from pd_serve import validation
+from pd_serve.logs import to_serve_log
 from pd_serve.config import AppConfig
 from pd_serve.errors import (PDServeError, TooLarge, Unauthorized, error_body, http_error, internal, of_status,
                              request_validation_error)
@@ -277,6 +278,7 @@ def _merge(pages: list[tuple[Any, str]], own_replica: str = "") -> bytes:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, cfg: dict[str, Any], decode: Any, control: Any) -> None:
+        to_serve_log()
         m.init_series("ingress")
         from pd_serve.placement import pin_process
 

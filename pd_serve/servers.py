@@ -40,6 +40,7 @@ from pd_serve.control import HEARTBEAT_S
 from pd_serve.engine import EngineHost, drain_batches
 from pd_serve.errors import engine_error_body, engine_error_json, error_body, sse_error_messages
 from pd_serve.engine import KV_EVENTS_TOPIC
+from pd_serve.logs import to_serve_log
 from pd_serve.phases import InFlight
 from pd_serve.placement import pin_process
 from pd_serve.protocol import (Accepted, DecodeTimeline, Head, JSONReply, PrefillResult, ReplicaInfo,
@@ -76,6 +77,7 @@ class _EngineReplica:
     tier: str
 
     async def _init(self, cfg: dict[str, Any], control: Any) -> None:
+        to_serve_log()
         self.cfg = AppConfig.model_validate(cfg)
         self.replica_id = _replica_tag()
         self.host = EngineHost(self.cfg, self.tier, self.replica_id)
