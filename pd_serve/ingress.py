@@ -18,19 +18,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import start_http_server
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
-from kv_transfer.metrics import derive
 from pd_serve import channel as ch
 from pd_serve import failover
 from pd_serve import metrics as m
@@ -122,16 +118,6 @@ app.add_exception_handler(StarletteHTTPException, _http_error)
 app.add_exception_handler(RequestValidationError, _request_validation_error)
 app.add_middleware(_CatchAll)
 app.openapi = _openapi  # type: ignore[method-assign]
-
-
-class _Families:
-    """A prometheus collector that exposes already-built metric families (``_merge``)."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self):
-        return iter(self.families)
 
 
 # Defined before the class: serve.ingress pickles the app's routes when the class is decorated.
@@ -248,33 +234,6 @@ class _StreamUsage:
         return max(0, self._events - self._overhead)
 
 
-def _merge(pages: list[tuple[Any, str]], own_replica: str = "") -> bytes:
-    """Replicas' metric pages and this ingress's own registry, merged into one family per name
-    (a name twice would break Prometheus' parser). Every sample gets the process it came from:
-    `replica` and `replica_tier` (`prefill`, `decode`, `ingress`). A sample keeps its own `tier`
-    label (e.g. prefill routing done inside a decode replica says tier="prefill"); an engine
-    replica's sample without one gets its replica's tier. Then the derived transfer metrics."""
-    merged: dict[str, Metric] = {}
-    own = generate_latest().decode()
-    for tier, replica, text in [*((r.tier, r.replica_id, t) for r, t in pages), ("ingress", own_replica, own)]:
-        proc = {"replica": replica, "replica_tier": tier}
-        if tier != "ingress":
-            proc = {"tier": tier, **proc}
-        for fam in text_string_to_metric_families(text):
-            out = merged.get(fam.name)
-            if out is None:
-                out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-            for s in fam.samples:
-                labels = {**proc, **s.labels}
-                labels["replica"], labels["replica_tier"] = replica, tier
-                out.samples.append(type(s)(s.name, labels, s.value, s.timestamp, s.exemplar))
-    families = list(merged.values())
-    families += derive(families)  # pd_serve_kv_transfer_* from the connector's own metrics
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Families(families))
-    return generate_latest(reg)
-
-
 @serve.ingress(app)
 class Ingress:
     def __init__(self, cfg: dict[str, Any], decode: Any, control: Any) -> None:
@@ -307,13 +266,11 @@ class Ingress:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.cfg.model))
-        self._http = httpx.AsyncClient(timeout=5.0)
         # Large bodies are parsed and tokenized on this thread, off the loop that streams
         # tokens, with a tokenizer of its own (a fast tokenizer must not be used by two
-        # threads at once). /metrics merges on another.
+        # threads at once).
         self._offload = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-serve-parse")
         self._offload_tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.cfg.model))
-        self._merge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-serve-metrics")
         self._tracer = Tracer(self.cfg.ingress.otlp_endpoint) if self.cfg.ingress.otlp_endpoint else None
         # /health answers from this view of the replicas, refreshed off the request path.
         self._replicas: dict[str, int] = {"decode": 0, "prefill": 0}
@@ -322,8 +279,8 @@ class Ingress:
         self._announced = False
         pre = self.cfg.prefill
         self._expect_prefill = (pre.autoscaling.min_replicas if pre.autoscaling else pre.fixed_replicas(1)) > 0
-        # Own metrics on a port of their own too: with several ingress replicas, whichever answers
-        # /metrics gathers the others' admission and request counters from there.
+        # Own metrics on a port of their own, registered with control, which merges every
+        # replica's page into /metrics (pd_serve.metrics_page).
         from ray.util import get_node_ip_address
 
         from kv_transfer.ports import claim_port
@@ -336,7 +293,6 @@ class Ingress:
                                  metrics_url=f"http://{node}:{mport}/metrics", engine_id="", node_ip=node,
                                  pid=os.getpid())
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_replicas())
-        self._gather: asyncio.Future | None = None  # the /metrics gather in progress
         # Streams come back on one channel per decode replica (pd_serve.channel), not one
         # Ray stream per request.
         self._sink = f"{self._replica_id}-{id(self):x}"
@@ -764,17 +720,7 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        """Every replica's registry, merged and labelled off the event loop. Scrapes that
-        arrive while a gather runs share its result instead of starting another."""
-        if self._gather is None:
-            self._gather = asyncio.ensure_future(self._gather_metrics())
-            self._gather.add_done_callback(lambda _: setattr(self, "_gather", None))
-        text = await asyncio.shield(self._gather)
+        """Every replica's registry, merged by the control replica (``pd_serve.metrics_page``):
+        this replica only relays the bytes, so a scrape costs its event loop nothing."""
+        text = await self.control.metrics_page.remote()
         return Response(text, media_type="text/plain; version=0.0.4")
-
-    async def _gather_metrics(self) -> bytes:
-        replicas = [r for r in await self.control.replicas.remote() if r.replica_id != self._replica_id]
-        texts = await asyncio.gather(*(self._http.get(r.metrics_url) for r in replicas), return_exceptions=True)
-        pages = [(r, resp.text) for r, resp in zip(replicas, texts)
-                 if not isinstance(resp, BaseException) and resp.status_code == 200]
-        return await asyncio.get_running_loop().run_in_executor(self._merge_pool, _merge, pages, self._replica_id)

@@ -1,13 +1,17 @@
-"""The ingress's /metrics merge: one family per name, process labels added, own labels kept."""
+"""The /metrics merge (control builds it): one family per name, process labels added, own labels kept."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pd_serve import metrics as m
-from pd_serve.ingress import _merge
+from pd_serve.control import Control
+from pd_serve.metrics_page import merge
+from pd_serve.protocol import ReplicaInfo
 
 DECODE_PAGE = """\
 # HELP pd_serve_routing_decisions_total Replica choices.
@@ -34,9 +38,9 @@ def _parse(text: bytes) -> dict[str, list]:
 
 def test_merge_keeps_a_samples_own_tier_and_labels_every_process() -> None:
     m.ROUTING_DECISIONS.labels("decode", "load").inc()  # the ingress's own decode routing
-    pages = [(SimpleNamespace(tier="decode", replica_id="d1"), DECODE_PAGE),
-             (SimpleNamespace(tier="prefill", replica_id="p1"), PREFILL_PAGE)]
-    fams = _parse(_merge(pages, own_replica="i1"))
+    pages = [("decode", "d1", DECODE_PAGE), ("prefill", "p1", PREFILL_PAGE),
+             ("ingress", "i1", generate_latest().decode())]  # the ingress's own page
+    fams = _parse(merge(pages))
     routing = {(s.labels.get("tier"), s.labels["replica_tier"], s.labels["replica"]): s.value
                for s in fams["pd_serve_routing_decisions"] if s.name.endswith("_total")
                and s.labels["reason"] in ("prefix_hit", "load")}
@@ -50,7 +54,7 @@ def test_merge_keeps_a_samples_own_tier_and_labels_every_process() -> None:
 def test_init_series_creates_every_labelled_series_at_zero() -> None:
     m.init_series("ingress")
     m.init_series("decode")
-    fams = _parse(_merge([], own_replica="i1"))
+    fams = _parse(merge([("ingress", "i1", generate_latest().decode())]))
     statuses = {s.labels["status"] for s in fams["pd_serve_ingress_errors"]}
     assert set(m.INGRESS_STATUSES) <= statuses
     decisions = {(s.labels["where"], s.labels["reason"]) for s in fams["pd_serve_prefill"]}
@@ -58,3 +62,39 @@ def test_init_series_creates_every_labelled_series_at_zero() -> None:
     stages = {s.labels["stage"] for s in fams["pd_serve_requests_in_flight"]}
     assert stages == set(m.INGRESS_STAGES) | set(m.DECODE_STAGES)
     assert {s.labels["reason"] for s in fams["pd_serve_remote_prefill_failures"]} == set(m.PREFILL_FAILURE_REASONS)
+
+
+class _Http:
+    """Answers each replica's metrics_url with its page; counts the fetches."""
+
+    def __init__(self, pages: dict[str, str]) -> None:
+        self.pages, self.fetches = pages, 0
+
+    async def get(self, url: str):
+        self.fetches += 1
+        await asyncio.sleep(0.01)
+        if url not in self.pages:
+            raise ConnectionError(url)
+        return SimpleNamespace(status_code=200, text=self.pages[url])
+
+
+def _info(tier: str, rid: str) -> ReplicaInfo:
+    return ReplicaInfo(replica_id=rid, tier=tier, metrics_url=f"http://h/{rid}", engine_id="", node_ip="h", pid=1)
+
+
+def test_control_merges_every_registered_replica_and_shares_one_gather() -> None:
+    async def go():
+        c = Control()
+        for tier, rid in (("decode", "d1"), ("prefill", "p1"), ("ingress", "i1"), ("prefill", "gone")):
+            c.register(_info(tier, rid))
+        c._http = http = _Http({"http://h/d1": DECODE_PAGE, "http://h/p1": PREFILL_PAGE,
+                                "http://h/i1": generate_latest().decode()})
+        a, b = await asyncio.gather(c.metrics_page(), c.metrics_page())  # two scrapes at once
+        assert a == b and http.fetches == 4  # one gather for both; "gone" failed and is left out
+        running = {s.labels["replica"] for s in _parse(a)["vllm:num_requests_running"]}
+        assert running == {"d1", "p1"}
+        assert any(s.labels["replica_tier"] == "ingress" for s in _parse(a)["pd_serve_ingress_errors"])
+        await c.metrics_page()
+        assert http.fetches == 8  # a later scrape gathers again
+
+    asyncio.run(go())
