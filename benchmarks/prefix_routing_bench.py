@@ -61,6 +61,22 @@ def cache_hit_rate(before: Scrape, after: Scrape) -> float | None:
     return None if q <= 0 else h / q
 
 
+def per_replica(before: Scrape, after: Scrape) -> dict[str, dict[str, float]]:
+    """Per decode replica over the load: requests finished, prompt tokens, prompt tokens it
+    computed (not prefix-cache hits), and its cache hit rate: how evenly a policy spread the work."""
+    def delta(name: str) -> dict[str, float]:
+        b = before.by(name, "replica")
+        return {r: v - b.get(r, 0.0) for r, v in after.by(name, "replica").items()}
+
+    done, prompt, hits = (delta(n) for n in ("vllm:request_success_total", "vllm:prompt_tokens_total",
+                                             "vllm:prefix_cache_hits_total"))
+    out = {r: {"requests": done.get(r, 0.0), "prompt_tokens": prompt.get(r, 0.0),
+               "computed_tokens": prompt.get(r, 0.0) - hits.get(r, 0.0),
+               "hit_rate": hits.get(r, 0.0) / prompt[r] if prompt.get(r) else None}
+           for r in sorted(set(done) | set(prompt)) if r}
+    return out
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -130,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                     r: after.sum("pd_serve_routing_decisions_total", tier="decode", reason=r)
                     - before.sum("pd_serve_routing_decisions_total", tier="decode", reason=r)
                     for r in ("prefix_hit", "load", "single_candidate", "fallback", "no_eligible")}
+                res["per_replica"] = per_replica(before, after)
                 report["results"][policy] = res
                 tqdm.write(f"{policy}: TTFT p50 {res.get('p50_ttft_ms'):.1f} ms, p90 {res.get('p90_ttft_ms'):.1f} ms, "
-                           f"p99 {res.get('p99_ttft_ms'):.1f} ms, engine hit rate {res['engine_prefix_cache_hit_rate']}")
+                           f"p99 {res.get('p99_ttft_ms'):.1f} ms, engine hit rate {res['engine_prefix_cache_hit_rate']}; "
+                           "per replica (requests / computed prompt tokens): "
+                           + ", ".join(f"{v['requests']:.0f} / {v['computed_tokens']:.0f}"
+                                       for v in res["per_replica"].values()))
     r = report["results"]
     if "prefix_aware" in r and "round_robin" in r:
         report["ratios"] = {f"round_robin/prefix_aware {k}": r["round_robin"][k] / r["prefix_aware"][k]
