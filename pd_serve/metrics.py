@@ -169,7 +169,7 @@ def init_series(role: str) -> None:
         for api in ("completions", "chat"):
             for outcome in ("ok", "error", "aborted"):
                 REQUESTS.labels(api, outcome)
-        for phase in ("prefill", "decode"):
+        for phase in ("before_start", "prefill", "decode"):
             CLIENT_ABORTS.labels(phase)
         for stage in ("prefill", "pull"):
             PREFILL_RETRIES.labels(stage)

@@ -18,6 +18,7 @@ rejection notice or, at worst, prefill's lease (``kv_transfer.lease_s``).
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 import contextlib
 import json
 import logging
@@ -366,6 +367,10 @@ class DecodeServer(_EngineReplica):
         self._waker = PrefillWaker(prefill) if prefill is not None else None
         self._prefill_state: list[ReplicaInfo] = []
         self._outboxes: dict[str, ch.Outbox] = {}  # by ingress channel (pd_serve.channel)
+        # The task serving each channelled stream, by (ingress channel, key): cancel_stream's
+        # way to a request whose caller has gone; and the keys cancelled before they arrived.
+        self._sink_tasks: dict[tuple[str, int], asyncio.Task] = {}
+        self._cancelled_sinks: OrderedDict[tuple[str, int], None] = OrderedDict()
         await self._init(cfg, control)
         self._stream_interval_s = self.cfg.ingress.stream_interval_ms / 1000
         r = self.cfg.router
@@ -536,6 +541,15 @@ class DecodeServer(_EngineReplica):
         then yields nothing more and returns when the stream is over.
         """
         entered = time.time()
+        sink_key = (sink.channel, sink.key) if sink is not None else None
+        if sink_key is not None:
+            if sink_key in self._cancelled_sinks:  # its client left before it got here
+                del self._cancelled_sinks[sink_key]
+                m.CLIENT_ABORTS.labels("before_start").inc()
+                return
+            task = asyncio.current_task()
+            if task is not None:
+                self._sink_tasks[sink_key] = task
         box = self._outbox(sink.channel) if sink is not None else None
         if box is not None:
             box.active += 1
@@ -545,6 +559,26 @@ class DecodeServer(_EngineReplica):
         finally:
             if box is not None:
                 box.active -= 1
+            if sink_key is not None:
+                self._sink_tasks.pop(sink_key, None)
+
+    _CANCELLED_KEEP = 4096
+
+    def cancel_stream(self, channel: str, key: int) -> bool:
+        """Abort the request that ingress channel ``channel`` sent as ``key``, wherever it is
+        (prefill, pull, streaming). Broadcast by an ingress whose client left before the first
+        byte: cancelling the ingress's call does not reach the replica when the call is still on
+        its way (the request would then run to its end for nobody). A key not here yet is
+        remembered (the last ``_CANCELLED_KEEP``), so the request is dropped when it arrives.
+        Returns whether a running request was cancelled."""
+        task = self._sink_tasks.get((channel, key))
+        if task is not None:
+            task.cancel()
+            return True
+        self._cancelled_sinks[(channel, key)] = None
+        while len(self._cancelled_sinks) > self._CANCELLED_KEEP:
+            self._cancelled_sinks.popitem(last=False)
+        return False
 
     async def _generate(self, kind: RequestKind, request: Any, hint: RoutingHint | None, track: int,
                         entered: float, box: ch.Outbox | None, sink: Sink | None) -> AsyncIterator[Any]:

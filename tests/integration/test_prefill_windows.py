@@ -97,16 +97,18 @@ def test_client_gone_during_remote_prefill_frees_both_engines(pd_url: str, clien
 
     in_prefill = delta("pd_serve_client_aborts_total", phase="prefill")
     in_decode = delta("pd_serve_client_aborts_total", phase="decode")
+    # reached decode after its client had left: dropped there on the ingress's cancel_stream
+    before_start = delta("pd_serve_client_aborts_total", phase="before_start")
     generated = delta("vllm:generation_tokens_total", tier="decode")
     print(f"\nclients gone {at:.2f} s after sending, decode stages then {stages}: aborted in prefill "
-          f"{in_prefill:.0f}, in decode {in_decode:.0f}; {generated:.0f} tokens generated of "
+          f"{in_prefill:.0f}, in decode {in_decode:.0f}, before starting {before_start:.0f}; {generated:.0f} tokens generated of "
           f"{CONCURRENT * max_tokens} asked; remote prefills {delta('pd_serve_prefill_total', where='remote'):.0f}; "
           f"leases expired {delta('vllm:nixl_num_kv_expired_reqs_total'):.0f}")
     # Every request was given up, none ran to its end. (Today the ingress notices a disconnect
     # only once decode's first byte arrives, so the prefills run to the end, decode pulls their
     # KV and computes a token or so before the abort, counted in phase `decode`.)
     assert delta("pd_serve_requests_total", outcome="ok") == 0
-    assert in_prefill + in_decode >= 1
+    assert in_prefill + in_decode + before_start >= 1
     assert generated < CONCURRENT * max_tokens / 4, "the engines kept generating for clients that had left"
     # the server keeps serving
     r = client.post("/v1/completions", json=_body(0, 71500))
