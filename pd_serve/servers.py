@@ -573,6 +573,8 @@ class DecodeServer(_EngineReplica):
         Returns whether a running request was cancelled."""
         task = self._sink_tasks.get((channel, key))
         if task is not None:
+            if not task.done():
+                logger.info("cancel_stream: request %s/%d was still running here; cancelled", channel, key)
             task.cancel()
             return True
         self._cancelled_sinks[(channel, key)] = None
