@@ -573,7 +573,7 @@ class DecodeServer(_EngineReplica):
         Returns whether a running request was cancelled."""
         task = self._sink_tasks.get((channel, key))
         if task is not None:
-            if not task.done():
+            if not task.done() and not task.cancelling():  # the call's own cancellation did not arrive
                 logger.info("cancel_stream: request %s/%d was still running here; cancelled", channel, key)
             task.cancel()
             return True
