@@ -14,18 +14,25 @@ import logging
 _done = False
 
 
+class _ToServe(logging.Handler):
+    """Hands each record to the ``ray.serve`` logger's handlers as they are at that moment
+    (Serve may replace them after a replica starts, so copying them once is not enough)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        serve_log = logging.getLogger("ray.serve")
+        if serve_log.handlers:
+            serve_log.handle(record)
+
+
 def to_serve_log(level: int = logging.INFO) -> bool:
     """Route ``pd_serve.*`` records to the ``ray.serve`` logger's handlers. Returns whether it did."""
     global _done
     if _done:
         return True
-    serve_log = logging.getLogger("ray.serve")
-    if not serve_log.handlers:
+    if not logging.getLogger("ray.serve").handlers:
         return False
     ours = logging.getLogger("pd_serve")
-    for h in serve_log.handlers:
-        if h not in ours.handlers:
-            ours.addHandler(h)
+    ours.addHandler(_ToServe())
     ours.setLevel(level)
     ours.propagate = False  # the root logger would print it a second time where it has a handler
     _done = True

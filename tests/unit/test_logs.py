@@ -43,4 +43,9 @@ def test_in_a_replica_info_lines_reach_serves_handlers_once(clean):
     logging.getLogger("pd_serve.servers").info("prefill tier woke up")
     logging.getLogger("pd_serve.servers").debug("not at INFO")
     assert [r.getMessage() for r in keep.records] == ["prefill tier woke up"]
-    assert ours.handlers.count(keep) == 1 and ours.propagate is False
+    assert len(ours.handlers) == 1 and ours.propagate is False
+    # Serve replaces its handlers later: the records follow
+    later = Keep()
+    serve.handlers[:] = [later]
+    logging.getLogger("pd_serve.engine").warning("after the swap")
+    assert [r.getMessage() for r in later.records] == ["after the swap"]
