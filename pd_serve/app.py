@@ -17,15 +17,14 @@ from pd_serve.control import Control
 from pd_serve.ingress import Ingress
 from pd_serve.model_source import offline_env, read_hf_config
 from pd_serve.placement import check_node_fit, cluster_gpus_per_node, replica_bundles
-from pd_serve.servers import DecodeServer, PrefillServer
+from pd_serve.servers import ENGINE_TEARDOWN_S, DecodeServer, PrefillServer
 from pd_serve.tiny_model import resolve_model
 
-# Seconds Serve waits for a replica to stop before killing it. A 70B engine's teardown (NCCL,
-# CUDA contexts, eight workers) takes tens of seconds; killed early, it leaves GPUs that the
-# next replica on the node finds still busy. A prefill replica also waits, before its engine
-# stops, until decode has pulled the KV its last prefills produced (at most kv_transfer.lease_s):
-# its tier gets room for that (PrefillServer.graceful_shutdown_s: 40 s on CPU, 95 s on GPU with lease_s 30).
-GRACEFUL_SHUTDOWN_S = {"cpu": 5, "gpu": 60}
+# Seconds Serve waits for a replica to stop before killing it (servers.ENGINE_TEARDOWN_S). A
+# prefill replica also waits, before its engine stops, until decode has pulled the KV its last
+# prefills produced (at most kv_transfer.lease_s): its tier gets room for that
+# (PrefillServer.graceful_shutdown_s: 40 s on CPU, 95 s on GPU with lease_s 30).
+GRACEFUL_SHUTDOWN_S = ENGINE_TEARDOWN_S
 
 
 # Ray Serve's own knobs for a replica's request path (read in each replica process):

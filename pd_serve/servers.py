@@ -18,7 +18,6 @@ rejection notice or, at worst, prefill's lease (``kv_transfer.lease_s``).
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 import contextlib
 import json
 import logging
@@ -26,6 +25,7 @@ import os
 
 import msgspec
 import time
+from collections import OrderedDict
 from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple
 
 from prometheus_client import start_http_server
@@ -52,6 +52,12 @@ from scheduler.plugins import SaturatedFilter
 
 logger = logging.getLogger(__name__)
 _METRICS_BASE_PORT = 29600
+
+
+# Seconds an engine replica is given to stop (Serve's graceful_shutdown_timeout_s) when it does
+# not wait for anything first. A 70B engine's teardown (NCCL, CUDA contexts, eight workers) takes
+# tens of seconds; killed early, it leaves GPUs that the next replica on the node finds still busy.
+ENGINE_TEARDOWN_S = {"cpu": 5.0, "gpu": 60.0}
 
 
 def _replica_tag() -> str:
@@ -194,15 +200,10 @@ class PrefillServer(_EngineReplica):
     PULL_POLL_S = 0.05
     # Serve's drain before __del__: one graceful_shutdown_wait_loop_s (2 s) plus the last prefills.
     DRAIN_ALLOWANCE_S = 5.0
-    # Kept for the engine's own teardown after the wait, whatever the wait took. pd_serve/app.py's
-    # GRACEFUL_SHUTDOWN_S is the teardown budget of a replica that does not wait; the prefill
-    # tier's timeout is the larger of that and this reserve + the drain + the lease.
-    # The whole teardown budget of a tier that does not wait (app.GRACEFUL_SHUTDOWN_S): a 70B
-    # engine keeps its 60 s to release the GPUs however long the pulls took.
-    STOP_RESERVE_S = {"cpu": 5.0, "gpu": 60.0}
-    # Serve's replica logger: what the stop waited for lands in the replica's own log file
-    # (logs/serve/replica_<app>_PrefillServer_<id>.log), where pd_serve's module logger does not.
-    _stop_log = logging.getLogger("ray.serve")
+    # Kept for the engine's own teardown after the wait, whatever the wait took: the same budget
+    # every tier gets (ENGINE_TEARDOWN_S, app.GRACEFUL_SHUTDOWN_S), so a 70B engine keeps its
+    # 60 s to release the GPUs however long the pulls took.
+    STOP_RESERVE_S = ENGINE_TEARDOWN_S
 
     class PullWait(NamedTuple):
         outcome: str                # "none": nothing held; "released": all pulled (or freed); "timeout"
@@ -215,7 +216,7 @@ class PrefillServer(_EngineReplica):
         """The prefill tier's graceful_shutdown_timeout_s, given the teardown budget of a replica
         that does not wait (``app.GRACEFUL_SHUTDOWN_S``): room for the drain, the wait for pulls
         (up to ``kv_transfer.lease_s``) and the engine's teardown after it."""
-        return max(float(teardown_s), cls.STOP_RESERVE_S[cfg.device] + cls.DRAIN_ALLOWANCE_S + cfg.kv_transfer.lease_s)
+        return float(teardown_s) + cls.DRAIN_ALLOWANCE_S + cfg.kv_transfer.lease_s
 
     @classmethod
     def pull_wait_limit_s(cls, cfg: AppConfig, graceful_shutdown_s: float | None) -> float:
@@ -276,7 +277,7 @@ class PrefillServer(_EngineReplica):
             try:
                 await asyncio.wait_for(control.deregister.remote(self.replica_id), 1.0)
             except Exception as e:  # control gone too (app shutdown): its TTL drops the entry
-                self._stop_log.info("prefill replica %s: deregistering from control failed: %r", self.replica_id, e)
+                logger.info("prefill replica %s: deregistering from control failed: %r", self.replica_id, e)
         identity = self.host.plan.identity
         if identity is None:  # no KV transfer: nothing is ever held for a pull
             return None
@@ -284,10 +285,10 @@ class PrefillServer(_EngineReplica):
         limit = self.pull_wait_limit_s(self.cfg, self._graceful_shutdown_timeout_s())
         w = await self.wait_for_pulls(lambda: held.read(engine_id), limit)
         if w.outcome == "released":
-            self._stop_log.info("prefill replica %s stopping: waited %.2f s until decode pulled the KV of %d request(s) "
+            logger.info("prefill replica %s stopping: waited %.2f s until decode pulled the KV of %d request(s) "
                         "(%d blocks)", self.replica_id, w.waited_s, *w.held)
         elif w.outcome == "timeout":
-            self._stop_log.warning("prefill replica %s stopping: %d request(s) (%d blocks) still await a pull after "
+            logger.warning("prefill replica %s stopping: %d request(s) (%d blocks) still await a pull after "
                            "%.1f s (limit %.1f s: kv_transfer.lease_s within the shutdown budget); stopping the "
                            "engine anyway", self.replica_id, *w.left, w.waited_s, limit)
         return w
@@ -298,7 +299,7 @@ class PrefillServer(_EngineReplica):
         try:
             await self._before_stop()
         except Exception:
-            self._stop_log.warning("prefill replica stopping: waiting for pulls failed", exc_info=True)
+            logger.warning("prefill replica stopping: waiting for pulls failed", exc_info=True)
         finally:
             _EngineReplica.__del__(self)
 
