@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 
 import msgspec
@@ -52,6 +53,9 @@ from scheduler.plugins import SaturatedFilter
 
 logger = logging.getLogger(__name__)
 _METRICS_BASE_PORT = 29600
+# How often, at most, decode asks Control again for a prefill view that shows no replica
+# (DecodeServer._refresh_prefill_state); the heartbeat refreshes it every HEARTBEAT_S anyway.
+PREFILL_STATE_REFRESH_S = 0.25
 
 
 # Seconds an engine replica is given to stop (Serve's graceful_shutdown_timeout_s) when it does
@@ -367,6 +371,8 @@ class DecodeServer(_EngineReplica):
         self._prefill = prefill.options(_by_reference=False) if prefill is not None else None
         self._waker = PrefillWaker(prefill) if prefill is not None else None
         self._prefill_state: list[ReplicaInfo] = []
+        self._state_refresh: asyncio.Future[list[ReplicaInfo]] | None = None  # _refresh_prefill_state
+        self._state_refreshed_at = -math.inf
         self._outboxes: dict[str, ch.Outbox] = {}  # by ingress channel (pd_serve.channel)
         # The task serving each channelled stream, by (ingress channel, key): cancel_stream's
         # way to a request whose caller has gone; and the keys cancelled before they arrived.
@@ -393,6 +399,26 @@ class DecodeServer(_EngineReplica):
     async def _on_beat(self) -> None:
         if self._prefill is not None:
             self._prefill_state = await self._control.replicas.remote("prefill")
+
+    async def _refresh_prefill_state(self) -> None:
+        """Ask Control again for a prefill view that shows no replica, before a request
+        prefills locally for it: a replica that registered since the last heartbeat (the app
+        just started, the tier just scaled up from zero) is used at once instead of up to
+        ``HEARTBEAT_S`` later. Concurrent requests share one call, and a tier that really is at
+        zero is asked at most every ``PREFILL_STATE_REFRESH_S``."""
+        if self._state_refresh is None:
+            now = time.monotonic()
+            if now - self._state_refreshed_at < PREFILL_STATE_REFRESH_S:
+                return
+            self._state_refreshed_at = now
+            self._state_refresh = asyncio.ensure_future(self._control.replicas.remote("prefill"))
+            self._state_refresh.add_done_callback(lambda _: setattr(self, "_state_refresh", None))
+        try:
+            self._prefill_state = await asyncio.shield(self._state_refresh)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("prefill state refresh from control failed", exc_info=True)
 
     # -- P/D decision -------------------------------------------------------------------------
     def _cached_tokens(self, hint: RoutingHint) -> int:
@@ -646,7 +672,12 @@ class DecodeServer(_EngineReplica):
         failed: list[str] = []  # prefill replicas that failed this request: one retry each
         # A trusted caller may hand over KV prefilled elsewhere (the ingress refuses these from
         # clients); then decode only pulls.
-        where, reason = ("external", "preset") if request.kv_transfer_params else self._decide(hint)
+        if request.kv_transfer_params:
+            where, reason = "external", "preset"
+        else:
+            if self._prefill is not None and not self._prefill_state:
+                await self._refresh_prefill_state()
+            where, reason = self._decide(hint)
         if self._waker is not None and wakes_prefill(reason, tier_configured=True):
             self._waker.wake()  # the tier has no replica: scale it up; this request prefills locally
         stream = None
