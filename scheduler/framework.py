@@ -208,7 +208,7 @@ class Scheduler:
         total[~keep] = -math.inf
         picker = self.profile.picker
         t0 = time.perf_counter() if hook else 0.0
-        row = picker.pick(total, self.rng)
+        row = picker.pick(total, self.rng, lambda: view.recent_routed(now))
         if hook:
             hook(self.tier, picker.name, time.perf_counter() - t0)
         if not keep[row]:

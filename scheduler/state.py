@@ -86,6 +86,8 @@ class WorkerView:
         "prefill_queued_tokens",
         "prefill_tps",
         "prefill_tps_measured",
+        "routed_level",
+        "routed_t",
         "row",
         "updated_at",
         "version",
@@ -107,6 +109,9 @@ class WorkerView:
         self.prefill_tps_measured = np.zeros(n, dtype=np.bool_)
         self.prefill_queued_tokens = np.zeros(n, dtype=np.float64)
         self.prefill_anchor_t = np.zeros(n, dtype=np.float64)
+        # requests this router sent each row, decayed with ARRIVAL_RATE_WINDOW_S, as of routed_t
+        self.routed_level = np.zeros(n, dtype=np.float64)
+        self.routed_t = np.zeros(n, dtype=np.float64)
         # Derived per row by the registry whenever the columns above change, so that a decision
         # needs fewer vector operations (see `WorkerRegistry._derive`):
         self.inv_prefill_tps = np.zeros(n, dtype=np.float64)  # 1 / prefill_tps
@@ -120,6 +125,12 @@ class WorkerView:
         A drained row is exactly 0 (``drain_base - tps * now`` is then <= 0), so idle workers tie."""
         q = self.prefill_drain_base - self.prefill_tps * now
         return np.maximum(q, 0.0, out=q)
+
+    def recent_routed(self, now: float) -> np.ndarray:
+        """Per row: the requests this router sent there lately, each weighted
+        ``exp(-age / ARRIVAL_RATE_WINDOW_S)``. The picker's tie-break: a new prefix goes to the
+        worker with the smaller recent share, since the prefix's later requests follow it."""
+        return self.routed_level * np.exp((self.routed_t - now) / ARRIVAL_RATE_WINDOW_S)
 
     def kv_over_blocks(self, need_blocks: int) -> np.ndarray:
         """Per row: blocks missing for a new request of ``need_blocks`` next to the requests the
@@ -151,6 +162,8 @@ _COLUMNS = (
     "prefill_tps_measured",
     "prefill_queued_tokens",
     "prefill_anchor_t",
+    "routed_level",
+    "routed_t",
 )
 
 
@@ -325,6 +338,8 @@ class WorkerRegistry:
         i = v.row.get(worker_id)
         if i is not None:
             v.num_inflight[i] += 1
+            v.routed_level[i] = v.routed_level[i] * math.exp((v.routed_t[i] - now) / ARRIVAL_RATE_WINDOW_S) + 1.0
+            v.routed_t[i] = now
             self._derive(v, i)
 
     def arrival_rate(self, now: float | None = None) -> float:

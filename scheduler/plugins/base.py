@@ -8,7 +8,8 @@ the registry's column view (`scheduler.state.WorkerView`): one row per worker.
   still eligible; return the subset that passes (never add rows).
 * ``Scorer.score(ctx, view, keep) -> scores``: one float per row; rows outside ``keep`` are
   ignored. The framework clamps to [0, 1] and applies the profile's weight.
-* ``Picker.pick(scores, rng) -> row``: ``scores`` holds ``-inf`` for ineligible rows.
+* ``Picker.pick(scores, rng, recent) -> row``: ``scores`` holds ``-inf`` for ineligible rows;
+  ``recent()`` gives each row's requests routed there lately (for tie-breaks; computed on call).
 
 Why rows and masks rather than ``list[Worker]`` / ``dict[worker, float]``: at 1,024 workers the
 dictionary form costs ~0.5 ms a decision in CPython, the vector form ~60 µs (see
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -89,8 +91,11 @@ class Picker(Plugin):
     kind = "picker"
 
     @abstractmethod
-    def pick(self, scores: np.ndarray, rng: random.Random) -> int:
-        """Return the chosen row. ``scores`` has at least one finite entry; ``-inf`` = ineligible."""
+    def pick(self, scores: np.ndarray, rng: random.Random,
+             recent: Callable[[], np.ndarray] | None = None) -> int:
+        """Return the chosen row. ``scores`` has at least one finite entry; ``-inf`` = ineligible.
+        ``recent``, where given, returns per row the requests routed there lately
+        (`scheduler.state.WorkerView.recent_routed`), for breaking ties by load share."""
 
 
 PLUGIN_TYPES: dict[str, type[Plugin]] = {}

@@ -291,3 +291,46 @@ def test_on_routed_charges_the_uncached_part_to_the_worker_it_went_to(make_tier,
     assert [round(w.queued_prefill_tokens) for w in tier.registry] == [8, 32]
     clock.advance(0.5)  # 5 tokens drained on each
     assert [round(w.queued_prefill_tokens) for w in tier.registry] == [3, 27]
+
+
+def test_new_prefixes_split_evenly_between_idle_workers(make_tier, clock: FakeClock) -> None:
+    """Every idle worker that does not cache a prompt costs the same; the tie goes to the one
+    sent fewer requests lately, so 12 new prefixes split 6/6 (at random, 4/8 or worse about two
+    times in five), and a prefix's later requests still follow it."""
+    for seed in range(5):
+        tier = make_tier(n_workers=2, rng=seed)
+        owner: dict[int, str] = {}
+        for p in range(12):
+            ctx = make_ctx(tokens(100 + p, 64), request_id=f"new-{p}")
+            d = tier.scheduler.route(ctx)
+            tier.scheduler.on_routed(ctx, d.worker)
+            tier.store(d.worker, tokens(100 + p, 64))
+            tier.scheduler.on_completed(d.worker)
+            owner[p] = d.worker
+            clock.advance(1.0)  # its prefill long done: both workers idle again
+        assert Counter(owner.values()) == {"w0": 6, "w1": 6}, (seed, owner)
+        for p in range(12):  # follow-ups stay with their prefix
+            ctx = make_ctx(tokens(100 + p, 64) + tokens(500 + p, 8), request_id=f"again-{p}")
+            assert tier.scheduler.route(ctx).worker == owner[p]
+
+
+def test_a_new_prefix_goes_to_the_worker_with_the_smaller_recent_share(make_tier, clock: FakeClock) -> None:
+    tier = make_tier(n_workers=2, rng=0)
+    hot = tokens(1, 64)
+    tier.store("w0", hot)
+    for i in range(6):  # w0 serves a hot prefix: six requests lately, w1 none
+        ctx = make_ctx(hot + tokens(10 + i, 8), request_id=f"hot-{i}")
+        d = tier.scheduler.route(ctx)
+        assert d.worker == "w0"
+        tier.scheduler.on_routed(ctx, d.worker)
+        tier.scheduler.on_completed(d.worker)
+        clock.advance(1.0)
+    picks = set()
+    for p in range(3):  # new prefixes: w1 has the smaller share until it has caught up
+        ctx = make_ctx(tokens(200 + p, 64), request_id=f"new-{p}")
+        d = tier.scheduler.route(ctx)
+        tier.scheduler.on_routed(ctx, d.worker)
+        tier.scheduler.on_completed(d.worker)
+        picks.add(d.worker)
+        clock.advance(1.0)
+    assert picks == {"w1"}

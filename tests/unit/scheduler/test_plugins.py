@@ -145,3 +145,16 @@ def test_prefill_cost_values_saved_work_more_when_the_tier_is_busy(reg: WorkerRe
     busy = PrefillCostScorer().score(cost_cycle(reg, clock, [12, 0, 0, 0], 64, rate=2.0), reg.view(), keep)
     # 1 request/s per worker: 0.72 * (1 + 0.16) < 0.64 * (1 + 0.64)
     assert busy[0] > busy[1] and busy[0] == 1.0
+
+
+def test_max_score_picker_gives_a_tie_to_the_worker_sent_fewest_requests_lately() -> None:
+    picker = MaxScorePicker()
+    scores = np.array([3.0, 3.0, 3.0, 1.0])
+    rng = random.Random(3)
+    recent = np.array([5.0, 2.0, 4.0, 0.0])  # row 3 has the least, but is not among the ties
+    assert {picker.pick(scores, rng, lambda: recent) for _ in range(50)} == {1}
+    level = np.array([2.0, 2.0, 4.0, 0.0])  # equal shares: random among them
+    assert {picker.pick(scores, rng, lambda: level) for _ in range(200)} == {0, 1}
+    called = []
+    assert picker.pick(np.array([1.0, 2.0]), rng, lambda: called.append(1) or np.zeros(2)) == 1
+    assert not called  # no tie, no tie-break computed
