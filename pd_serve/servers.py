@@ -56,6 +56,9 @@ _METRICS_BASE_PORT = 29600
 # How often, at most, decode asks Control again for a prefill view that shows no replica
 # (DecodeServer._refresh_prefill_state); the heartbeat refreshes it every HEARTBEAT_S anyway.
 PREFILL_STATE_REFRESH_S = 0.25
+# How long a request waits for that answer before it decides on the view it has: Control answers
+# in milliseconds, but a Control replica that is restarting must not hold up the request path.
+PREFILL_STATE_WAIT_S = 0.2
 
 
 # Seconds an engine replica is given to stop (Serve's graceful_shutdown_timeout_s) when it does
@@ -371,7 +374,7 @@ class DecodeServer(_EngineReplica):
         self._prefill = prefill.options(_by_reference=False) if prefill is not None else None
         self._waker = PrefillWaker(prefill) if prefill is not None else None
         self._prefill_state: list[ReplicaInfo] = []
-        self._state_refresh: asyncio.Future[list[ReplicaInfo]] | None = None  # _refresh_prefill_state
+        self._state_refresh: asyncio.Future[None] | None = None  # _refresh_prefill_state
         self._state_refreshed_at = -math.inf
         self._outboxes: dict[str, ch.Outbox] = {}  # by ingress channel (pd_serve.channel)
         # The task serving each channelled stream, by (ingress channel, key): cancel_stream's
@@ -405,18 +408,22 @@ class DecodeServer(_EngineReplica):
         prefills locally for it: a replica that registered since the last heartbeat (the app
         just started, the tier just scaled up from zero) is used at once instead of up to
         ``HEARTBEAT_S`` later. Concurrent requests share one call, and a tier that really is at
-        zero is asked at most every ``PREFILL_STATE_REFRESH_S``."""
+        zero is asked at most every ``PREFILL_STATE_REFRESH_S``. A request waits at most
+        ``PREFILL_STATE_WAIT_S`` for the answer (the call goes on and updates the view when it
+        comes)."""
         if self._state_refresh is None:
             now = time.monotonic()
             if now - self._state_refreshed_at < PREFILL_STATE_REFRESH_S:
                 return
             self._state_refreshed_at = now
-            self._state_refresh = asyncio.ensure_future(self._control.replicas.remote("prefill"))
+            self._state_refresh = asyncio.ensure_future(self._fetch_prefill_state())
             self._state_refresh.add_done_callback(lambda _: setattr(self, "_state_refresh", None))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._state_refresh), PREFILL_STATE_WAIT_S)
+
+    async def _fetch_prefill_state(self) -> None:
         try:
-            self._prefill_state = await asyncio.shield(self._state_refresh)
-        except asyncio.CancelledError:
-            raise
+            self._prefill_state = await self._control.replicas.remote("prefill")
         except Exception:
             logger.warning("prefill state refresh from control failed", exc_info=True)
 

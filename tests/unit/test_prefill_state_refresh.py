@@ -35,6 +35,7 @@ def _decode(control: _Control) -> SimpleNamespace:
     r = SimpleNamespace(_prefill=object(), _prefill_state=[], _state_refresh=None, _state_refreshed_at=-math.inf,
                         _control=control, _prefill_filters=prefill_filters(router), _cached_tokens=lambda h: 0,
                         _decider=DeciderParams(threshold_tokens=router.remote_prefill_min_tokens))
+    r._fetch_prefill_state = lambda: DecodeServer._fetch_prefill_state(r)
     r._refresh = lambda: DecodeServer._refresh_prefill_state(r)
     return r
 
@@ -80,3 +81,19 @@ def test_a_failed_refresh_keeps_the_view_and_the_request_goes_on() -> None:
     r = _decode(control)
     asyncio.run(r._refresh())
     assert r._prefill_state == [] and r._state_refresh is None
+
+
+def test_a_slow_control_holds_a_request_up_for_at_most_the_wait_and_its_answer_still_lands() -> None:
+    control = _Control([_prefill("p1")], delay=1.0)  # e.g. a Control replica restarting
+    r = _decode(control)
+
+    async def go() -> None:
+        t0 = asyncio.get_running_loop().time()
+        await r._refresh()
+        waited = asyncio.get_running_loop().time() - t0
+        assert waited < servers.PREFILL_STATE_WAIT_S + 0.15, waited
+        assert r._prefill_state == []  # decided on the old view
+        await asyncio.sleep(1.0)
+        assert [p.replica_id for p in r._prefill_state] == ["p1"]  # the call went on
+
+    asyncio.run(go())
