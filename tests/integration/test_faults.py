@@ -85,6 +85,8 @@ def test_decode_continues_from_transferred_kv_not_its_own(apps, reference) -> No
             after = wait_idle(url)
             got = (after.sum("vllm:prompt_tokens_by_source_total", source="external_kv_transfer", tier="decode")
                    - before.sum("vllm:prompt_tokens_by_source_total", source="external_kv_transfer", tier="decode"))
-            assert got == out.prompt_tokens
+            decided = {k: v - before.by("pd_serve_prefill_total", "reason").get(k, 0.0)
+                       for k, v in after.by("pd_serve_prefill_total", "reason").items()}
+            assert got == out.prompt_tokens, f"{case.name}: prefill decisions {decided}"
             changed += out.token_ids != reference[case.name].token_ids
         assert changed == 4, "every continuation should differ when the transferred KV comes from other weights"
