@@ -32,7 +32,7 @@ check: install  ## validate CONFIG without starting anything
 stop:  ## stop what `make serve` started (from any terminal), and any stray local Ray
 	@if [ -x $(VENV)/bin/pd-serve ]; then $(VENV)/bin/pd-serve stop; else echo "nothing installed, nothing to stop"; fi
 
-test: model  ## unit + integration tests on real engines (about 18 min)
+test: model  ## unit + integration tests on real engines (about 20 min)
 	$(PY) -m pytest tests -v -p no:cacheprovider $(ARGS)
 
 unit: install  ## unit tests only (about 1 min)
