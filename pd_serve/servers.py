@@ -401,7 +401,7 @@ class DecodeServer(_EngineReplica):
 
     async def _on_beat(self) -> None:
         if self._prefill is not None:
-            self._prefill_state = await self._control.replicas.remote("prefill")
+            await self._fetch_prefill_state()
 
     async def _refresh_prefill_state(self) -> None:
         """Ask Control again for a prefill view that shows no replica, before a request
