@@ -108,16 +108,21 @@ def envelope(benchmark: str, stamp: str, config: dict[str, Any], git_paths: list
             "machine": machine_info(), "config": config, **more}
 
 
-def rel(path: str | Path) -> str:
-    """``path`` relative to the clone when it lies inside it or beside it (``../shared``),
-    else unchanged."""
-    p = Path(path)
-    return os.path.relpath(p, ROOT) if p.is_absolute() and p.is_relative_to(ROOT.parent) else str(p)
-
-
 # Where this clone's .venv really lives: a clone whose .venv is a link to another clone's
 # (a worktree) shows that path in process command lines.
 _VENV_HOME = str((ROOT / ".venv").resolve().parent)
+
+
+def rel(path: str | Path) -> str:
+    """``path`` relative to the clone when it lies inside it or beside it (``../shared``), or
+    else to the clone its .venv lives in (a worktree elsewhere given that clone's files);
+    otherwise unchanged."""
+    p = Path(path)
+    if p.is_absolute():
+        for base in (ROOT, Path(_VENV_HOME)):
+            if p.is_relative_to(base.parent):
+                return os.path.relpath(p, base)
+    return str(p)
 
 
 def scrub(obj: Any) -> Any:
